@@ -1,0 +1,151 @@
+"""Core types: the model as the engine sees it, estimator and baseline protocols."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from scoregrad._src.family import Family
+
+PyTree = Any
+State = Any
+
+
+class Params(NamedTuple):
+    """Everything an estimate is differentiated with respect to.
+
+    ``theta`` is the user's parameter pytree; the other fields hold values that the user's ``f``,
+    ``log_prob`` and ``sample`` close over (hoisted by :func:`jax.closure_convert`), so that
+    ``jax.grad`` of :func:`scoregrad.expectation` also flows into an ``f`` that closes over theta.
+    """
+
+    theta: PyTree
+    f: tuple = ()
+    log_prob: tuple = ()
+    sample: tuple = ()
+
+
+class Model(NamedTuple):
+    """The user's functions in closure-converted form."""
+
+    f: Callable[..., jax.Array]  # f(x, *consts)
+    log_prob: Callable[..., jax.Array]  # log_prob(theta, x, *consts)
+    sample: Callable[..., PyTree]  # sample(theta, key, *consts)
+    family: Family
+    legacy_key: bool
+
+    def eval_f(self, params: Params, x: PyTree) -> jax.Array:
+        return self.f(x, *params.f)
+
+    def eval_log_prob(self, params: Params, x: PyTree) -> jax.Array:
+        return self.log_prob(params.theta, x, *params.log_prob)
+
+    def draw(self, params: Params, key: jax.Array) -> PyTree:
+        """One draw from p(x; theta) for a typed key, handing the user the key kind they passed."""
+        user_key = jax.random.key_data(key) if self.legacy_key else key
+        return self.sample(params.theta, user_key, *params.sample)
+
+
+class FStats(NamedTuple):
+    """Streaming statistics of the f evaluations (merged across chunks, Chan et al. 1979)."""
+
+    count: jax.Array
+    mean: jax.Array
+    m2: jax.Array
+    nonfinite: jax.Array
+
+
+class UnitOut(NamedTuple):
+    """What an estimator computes for one unit (a draw, a coupled pair, a group).
+
+    Attributes:
+      terms: shape ``(K,)``; the unit's surrogate terms. The estimate's surrogate is
+        ``sum_k w_k * mean_over_units(terms[k])`` with weights ``w`` that may depend on statistics
+        of the whole batch (see :attr:`Estimator.weights`); its value equals the mean of f and its
+        gradient is the estimator.
+      fvals: shape ``(m,)``; the unit's f evaluations (stop-gradient), for statistics.
+    """
+
+    terms: jax.Array
+    fvals: jax.Array
+
+
+class Estimator(NamedTuple):
+    """A gradient estimator: a configuration of pure functions, built by a factory.
+
+    An estimator describes only what differs between estimators; the engine
+    (:mod:`scoregrad._src.engine`) owns sampling, chunking, statistics and derivatives.
+
+    Attributes:
+      name: a label for reports.
+      init: ``init(theta) -> state``; ``()`` for stateless estimators.
+      unit: ``unit(model, params, key, x, state) -> UnitOut`` for one unit. Exactly one of
+        ``key`` (a typed key for this unit) and ``x`` (a given draw) is not ``None``.
+      weights: ``weights(fstats, state, num_units) -> (K,)`` stop-gradient weights of the terms.
+      update: ``update(state, fstats) -> state`` after an estimate (stateful estimators).
+      num_terms: K.
+      draws_per_unit: how many evaluations of f one unit costs.
+      min_units: the smallest number of units the estimator is defined for.
+      needs_key: True if the estimator must draw (pathwise): given samples are refused.
+      stateful: True if ``state`` must be threaded through calls.
+      check: ``check(model, theta, x_struct) -> None``, trace-time capability checks.
+    """
+
+    name: str
+    init: Callable[[PyTree], State]
+    unit: Callable[..., UnitOut]
+    weights: Callable[[FStats, State, int], jax.Array]
+    update: Callable[[State, FStats], State]
+    num_terms: int = 1
+    draws_per_unit: int = 1
+    min_units: int = 1
+    needs_key: bool = False
+    stateful: bool = False
+    check: Optional[Callable[..., None]] = None
+
+
+class Baseline(NamedTuple):
+    r"""A baseline for the score-function estimator, as stop-gradient features and weights.
+
+    The score-function surrogate with a baseline is, per draw,
+    ``box_i * f_i + (1 - box_i) * b_i`` with ``box_i`` the DiCE magic box of ``log p(x_i)`` and
+    ``b_i = sum_j weights_j * features_ij``. Writing ``b_i`` this way lets ``b_i`` depend on
+    statistics of the whole batch (leave-one-out) while the engine makes one pass over chunks.
+    ``b_i`` must not depend on draw ``i`` itself except through terms whose expectation cancels
+    (leave-one-out's ``-f_i/(N-1)`` feature cancels its share of the batch mean exactly).
+
+    Attributes:
+      name: a label.
+      num_features: number of features per draw.
+      min_samples: the smallest batch the baseline is defined for.
+      init: ``init(dtype) -> state``.
+      features: ``features(f_i, state) -> (num_features,)`` with ``f_i`` stop-gradient.
+      weights: ``weights(fstats, state, num_units) -> (num_features,)``.
+      update: ``update(state, fstats) -> state``.
+      stateful: True if the state must be threaded through calls.
+    """
+
+    name: str
+    num_features: int
+    min_samples: int
+    init: Callable[[Any], State]
+    features: Callable[[jax.Array, State], jax.Array]
+    weights: Callable[[FStats, State, int], jax.Array]
+    update: Callable[[State, FStats], State]
+    stateful: bool = False
+
+
+def magic_box(log_prob: jax.Array) -> jax.Array:
+    r"""DiCE's magic box :math:`\exp(\tau - \perp\tau)`: value 1, derivative = itself times the score.
+
+    References:
+      Foerster et al., "DiCE: The Infinitely Differentiable Monte Carlo Estimator", ICML 2018.
+    """
+    return jnp.exp(log_prob - jax.lax.stop_gradient(log_prob))
+
+
+def no_update(state: State, fstats: FStats) -> State:
+    del fstats
+    return state

@@ -1,0 +1,210 @@
+"""The one engine: per-unit keys, chunks under ``lax.scan``, streaming statistics.
+
+Unit ``i`` draws with ``jax.random.fold_in(key, i)``, so results depend only on ``(key, i)`` and
+not on the chunk size. Memory is bounded by ``chunk × (size of a draw + number of parameters)``,
+never by ``num_samples``. Three modes:
+
+* ``"value"``: f statistics only (the primal of :func:`scoregrad.expectation`).
+* ``"grad"``: f statistics and, per term k, the sum over units of the gradient of the term; one
+  reverse pass per chunk (no per-sample Jacobians).
+* ``"diag"``: per-unit gradients of the terms (chunk × K × P), reduced to means and centered
+  co-moments across chunks, for standard errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from scoregrad._src.base import Estimator, FStats, Model, Params
+
+PyTree = Any
+
+# Target number of array elements a chunk keeps live per buffer (~2 MiB in float32): measured on a
+# 2-core CPU, d = 1000 normal draws are ~5x cheaper in ~500-draw chunks than all at once.
+_CHUNK_ELEMENTS = 2**19
+_MAX_AUTO_CHUNK = 4096
+
+
+def auto_chunk_size(num_units: int, elements_per_unit: int) -> int:
+    """Units per chunk so that one chunk's buffers stay cache-sized."""
+    per = max(1, int(elements_per_unit))
+    return int(max(1, min(num_units, _MAX_AUTO_CHUNK, _CHUNK_ELEMENTS // per)))
+
+
+def _size(tree: PyTree) -> int:
+    return sum(int(jnp.size(leaf)) if not hasattr(leaf, "size") else int(leaf.size)
+               for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def elements_per_unit(x_struct: PyTree, theta: PyTree, est: Estimator) -> int:
+    return est.draws_per_unit * max(_size(x_struct), 1) + est.num_terms * max(_size(theta), 1)
+
+
+class Moments(NamedTuple):
+    """Streaming mean and centered co-moments of per-unit term gradients (leading axes K, K)."""
+
+    count: jax.Array
+    mean: PyTree  # leaves (K, *leaf)
+    comoment: PyTree  # leaves (K, K, *leaf)
+
+
+class EngineOut(NamedTuple):
+    fstats: FStats
+    grad_sums: Optional[PyTree]  # "grad": leaves (K, *leaf) summed over units
+    moments: Optional[Moments]  # "diag"
+
+
+def _fstats_of(fvals: jax.Array, dtype) -> FStats:
+    fvals = fvals.reshape(-1).astype(dtype)
+    finite = jnp.isfinite(fvals)
+    n = jnp.asarray(fvals.size, dtype)
+    mean = jnp.mean(fvals)
+    m2 = jnp.sum(jnp.square(fvals - mean))
+    return FStats(n, mean, m2, jnp.sum(~finite).astype(jnp.int32))
+
+
+def _merge_fstats(a: FStats, b: FStats) -> FStats:
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    safe_n = jnp.where(n > 0, n, 1)
+    mean = a.mean + delta * b.count / safe_n
+    m2 = a.m2 + b.m2 + delta**2 * a.count * b.count / safe_n
+    return FStats(n, mean, m2, a.nonfinite + b.nonfinite)
+
+
+def _merge_moments(a: Moments, b: Moments) -> Moments:
+    n = a.count + b.count
+    frac = b.count / n
+    w = a.count * b.count / n
+
+    def merge_mean(ma, mb):
+        return ma + (mb - ma) * frac.astype(ma.dtype)
+
+    def merge_co(ca, cb, ma, mb):
+        d = mb - ma
+        outer = d[:, None] * d[None, :]
+        return ca + cb + outer * w.astype(ca.dtype)
+
+    mean = jax.tree_util.tree_map(merge_mean, a.mean, b.mean)
+    co = jax.tree_util.tree_map(merge_co, a.comoment, b.comoment, a.mean, b.mean)
+    return Moments(n, mean, co)
+
+
+def _unit_keys(key: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    idx = start + jnp.arange(size, dtype=jnp.uint32)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
+
+
+def _chunk_fn(model: Model, est: Estimator, params: Params, state, mode: str, dtype):
+    """Returns chunk(keys, xs) -> (FStats, grads-or-moments-or-None)."""
+
+    def unit(p: Params, key, x):
+        return est.unit(model, p, key, x, state)
+
+    if mode == "value":
+
+        def chunk(keys, xs):
+            out = jax.vmap(unit, in_axes=(None, 0, 0))(params, keys, xs)
+            return _fstats_of(out.fvals, dtype), None
+
+        return chunk
+
+    if mode == "grad":
+
+        def chunk(keys, xs):
+            def summed(p):
+                out = jax.vmap(unit, in_axes=(None, 0, 0))(p, keys, xs)
+                return jnp.sum(out.terms, axis=0), out.fvals
+
+            _, vjp_fn, fvals = jax.vjp(summed, params, has_aux=True)
+            basis = jnp.eye(est.num_terms, dtype=dtype)
+            (grads,) = jax.vmap(vjp_fn)(basis)
+            return _fstats_of(fvals, dtype), grads
+
+        return chunk
+
+    def per_unit_grads(key, x):
+        def terms(theta):
+            out = unit(params._replace(theta=theta), key, x)
+            return out.terms, out.fvals
+
+        return jax.jacrev(terms, has_aux=True)(params.theta)
+
+    def chunk(keys, xs):
+        grads, fvals = jax.vmap(per_unit_grads)(keys, xs)  # leaves (c, K, *leaf)
+        count = jnp.asarray(fvals.shape[0], dtype)
+
+        def co(g):
+            m = jnp.mean(g, axis=0)
+            c = g - m
+            return m, jnp.einsum("ik...,il...->kl...", c, c)
+
+        pairs = jax.tree_util.tree_map(co, grads)
+        is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
+        mean = jax.tree_util.tree_map(lambda t: t[0], pairs, is_leaf=is_pair)
+        com = jax.tree_util.tree_map(lambda t: t[1], pairs, is_leaf=is_pair)
+        return _fstats_of(fvals, dtype), Moments(count, mean, com)
+
+    return chunk
+
+
+def run(
+    model: Model,
+    est: Estimator,
+    params: Params,
+    state,
+    *,
+    num_units: int,
+    chunk_units: int,
+    mode: str,
+    dtype,
+    key: Optional[jax.Array] = None,
+    samples: Optional[PyTree] = None,
+) -> EngineOut:
+    """Runs ``num_units`` units in chunks of ``chunk_units`` under ``lax.scan``."""
+    chunk = _chunk_fn(model, est, params, state, mode, dtype)
+    c = min(chunk_units, num_units)
+    n_full, rem = divmod(num_units, c)
+
+    def inputs(start, size):
+        if samples is not None:
+            xs = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), samples)
+            return None, xs
+        return _unit_keys(key, jnp.asarray(start, jnp.uint32), size), None
+
+    def combine(acc, new):
+        fs_a, extra_a = acc
+        fs_b, extra_b = new
+        fs = _merge_fstats(fs_a, fs_b)
+        if mode == "grad":
+            extra = jax.tree_util.tree_map(jnp.add, extra_a, extra_b)
+        elif mode == "diag":
+            extra = _merge_moments(extra_a, extra_b)
+        else:
+            extra = None
+        return fs, extra
+
+    def scan_input(i):
+        start = i * c
+        keys, xs = inputs(start, c)
+        return chunk(keys, xs)
+
+    acc = scan_input(0)
+    if n_full > 1:
+
+        def body(carry, i):
+            return combine(carry, scan_input(i)), None
+
+        acc, _ = jax.lax.scan(body, acc, jnp.arange(1, n_full))
+    if rem:
+        keys, xs = inputs(n_full * c, rem)
+        acc = combine(acc, chunk(keys, xs))
+    fstats, extra = acc
+    if mode == "grad":
+        return EngineOut(fstats, extra, None)
+    if mode == "diag":
+        return EngineOut(fstats, None, extra)
+    return EngineOut(fstats, None, None)

@@ -1,0 +1,169 @@
+"""Built-in families: thin layers over ``jax.random`` and ``jax.scipy.stats``."""
+
+from __future__ import annotations
+
+import itertools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoregrad._src.family import Family
+
+
+def _float_array(value, name: str, family: str):
+    if not hasattr(value, "dtype") and not isinstance(value, (float, int, list, tuple)):
+        raise TypeError(f"{family}: {name} must be an array; got {type(value).__name__}.")
+    dtype = jnp.result_type(value)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{family}: {name} has dtype {dtype}; it must be floating point, "
+            f"e.g. jnp.asarray({name}, jnp.float32)."
+        )
+
+
+def _check_normal(theta):
+    if not isinstance(theta, dict) or set(theta) != {"loc", "scale"}:
+        got = sorted(theta) if isinstance(theta, dict) else type(theta).__name__
+        raise TypeError(
+            "families.normal(): theta must be a dict {'loc': array, 'scale': array}; "
+            f"got {got}."
+        )
+    _float_array(theta["loc"], "theta['loc']", "families.normal()")
+    _float_array(theta["scale"], "theta['scale']", "families.normal()")
+    if jnp.shape(theta["loc"]) != jnp.shape(theta["scale"]):
+        raise ValueError(
+            "families.normal(): theta['loc'] and theta['scale'] must have the same shape; got "
+            f"{jnp.shape(theta['loc'])} and {jnp.shape(theta['scale'])}. Broadcast them first, "
+            "e.g. jnp.broadcast_to(scale, loc.shape)."
+        )
+
+
+def _normal_sample(theta, key):
+    loc, scale = theta["loc"], theta["scale"]
+    eps = jax.random.normal(key, jnp.shape(loc), jnp.result_type(loc))
+    return loc + scale * eps
+
+
+def _normal_log_prob(theta, x):
+    return jnp.sum(jax.scipy.stats.norm.logpdf(x, theta["loc"], theta["scale"]))
+
+
+def normal() -> Family:
+    r"""Diagonal normal :math:`x \sim \mathcal N(\mathrm{loc}, \mathrm{diag}(\mathrm{scale}^2))`.
+
+    theta is ``{"loc": array, "scale": array}`` of equal shapes with ``scale > 0``; a draw has
+    loc's shape and dtype. The sampler is ``loc + scale * eps`` (reparameterized).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import scoregrad as sg
+      >>> fam = sg.families.normal()
+      >>> x = fam.sample({"loc": jnp.zeros(3), "scale": jnp.ones(3)}, jax.random.key(0))
+      >>> x.shape
+      (3,)
+    """
+    return Family(
+        log_prob=_normal_log_prob,
+        sample=_normal_sample,
+        reparameterized=True,
+        name="normal",
+        check_theta=_check_normal,
+        capabilities=types.MappingProxyType({"continuous": True}),
+    )
+
+
+def _check_logits(theta, who, min_ndim=0):
+    if not hasattr(theta, "dtype") and not isinstance(theta, (float, list, tuple)):
+        raise TypeError(
+            f"families.{who}(): theta must be an array of logits; got {type(theta).__name__}."
+        )
+    _float_array(theta, "theta (the logits)", f"families.{who}()")
+    if jnp.ndim(theta) < min_ndim:
+        raise ValueError(
+            f"families.{who}(): theta must have a trailing axis of K categories; got shape "
+            f"{jnp.shape(theta)}. Use e.g. jnp.zeros((K,))."
+        )
+
+
+def _bernoulli_sample(logits, key):
+    u = jax.random.uniform(key, jnp.shape(logits), jnp.result_type(logits))
+    return (u < jax.nn.sigmoid(logits)).astype(jnp.result_type(logits))
+
+
+def _bernoulli_log_prob(logits, x):
+    # x log sigma(l) + (1 - x) log sigma(-l), stable for any logit.
+    return jnp.sum(x * jax.nn.log_sigmoid(logits) + (1 - x) * jax.nn.log_sigmoid(-logits))
+
+
+def _bernoulli_support(logits):
+    shape = jnp.shape(logits)
+    size = int(np.prod(shape, dtype=int))
+    rows = np.array(list(itertools.product([0, 1], repeat=size)), dtype=np.float64)
+    return jnp.asarray(rows.reshape((-1,) + tuple(shape)), jnp.result_type(logits))
+
+
+def bernoulli() -> Family:
+    r"""Independent Bernoullis with logits theta: :math:`P(x_j = 1) = \sigma(\theta_j)`.
+
+    A draw has theta's shape and dtype with values in {0, 1}. The sampler is not differentiable
+    (``reparameterized=False``): use the score function, or a relaxation for pathwise-style
+    gradients.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import scoregrad as sg
+      >>> x = sg.families.bernoulli().sample(jnp.zeros(4), jax.random.key(0))
+      >>> x.dtype, x.shape
+      (dtype('float32'), (4,))
+    """
+    return Family(
+        log_prob=_bernoulli_log_prob,
+        sample=_bernoulli_sample,
+        reparameterized=False,
+        name="bernoulli",
+        check_theta=lambda th: _check_logits(th, "bernoulli"),
+        capabilities=types.MappingProxyType({"discrete": True, "support": _bernoulli_support}),
+    )
+
+
+def _categorical_sample(logits, key):
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+def _categorical_log_prob(logits, x):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.asarray(x)[..., None].astype(jnp.int32), axis=-1)
+    return jnp.sum(picked)
+
+
+def _categorical_support(logits):
+    shape = jnp.shape(logits)
+    k, batch = shape[-1], shape[:-1]
+    size = int(np.prod(batch, dtype=int))
+    rows = np.array(list(itertools.product(range(k), repeat=size)), dtype=np.int32)
+    return jnp.asarray(rows.reshape((-1,) + tuple(batch)))
+
+
+def categorical() -> Family:
+    r"""Independent categoricals with logits theta of shape ``(..., K)``.
+
+    A draw is an int32 array of shape ``theta.shape[:-1]`` with values in ``[0, K)``. Not
+    reparameterized.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import scoregrad as sg
+      >>> x = sg.families.categorical().sample(jnp.zeros((2, 3)), jax.random.key(0))
+      >>> x.shape, x.dtype
+      ((2,), dtype('int32'))
+    """
+    return Family(
+        log_prob=_categorical_log_prob,
+        sample=_categorical_sample,
+        reparameterized=False,
+        name="categorical",
+        check_theta=lambda th: _check_logits(th, "categorical", min_ndim=1),
+        capabilities=types.MappingProxyType({"discrete": True, "support": _categorical_support}),
+    )
