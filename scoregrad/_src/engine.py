@@ -13,6 +13,7 @@ never by ``num_samples``. Three modes:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -93,12 +94,23 @@ def _merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, co)
 
 
-def _unit_keys(key: jax.Array, start: jax.Array, size: int) -> jax.Array:
+def unit_keys(key: jax.Array, start: jax.Array, size: int) -> jax.Array:
     idx = start + jnp.arange(size, dtype=jnp.uint32)
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
 
 
-def _chunk_fn(model: Model, est: Estimator, params: Params, state, mode: str, dtype):
+def _rows_of_jacobian(vjp_fn, k: int, dtype) -> PyTree:
+    """The k rows of a Jacobian from k separate reverse passes, stacked on a leading axis.
+
+    Separate passes fuse into the chunk's elementwise work; ``vmap`` over the cotangent basis
+    measured ~2.5x slower on CPU.
+    """
+    basis = jnp.eye(k, dtype=dtype)
+    rows = [vjp_fn(basis[i])[0] for i in range(k)]
+    return jax.tree_util.tree_map(lambda *r: jnp.stack(r), *rows)
+
+
+def make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype):
     """Returns chunk(keys, xs) -> (FStats, grads-or-moments-or-None)."""
 
     def unit(p: Params, key, x):
@@ -120,9 +132,7 @@ def _chunk_fn(model: Model, est: Estimator, params: Params, state, mode: str, dt
                 return jnp.sum(out.terms, axis=0), out.fvals
 
             _, vjp_fn, fvals = jax.vjp(summed, params, has_aux=True)
-            basis = jnp.eye(est.num_terms, dtype=dtype)
-            (grads,) = jax.vmap(vjp_fn)(basis)
-            return _fstats_of(fvals, dtype), grads
+            return _fstats_of(fvals, dtype), _rows_of_jacobian(vjp_fn, est.num_terms, dtype)
 
         return chunk
 
@@ -131,7 +141,8 @@ def _chunk_fn(model: Model, est: Estimator, params: Params, state, mode: str, dt
             out = unit(params._replace(theta=theta), key, x)
             return out.terms, out.fvals
 
-        return jax.jacrev(terms, has_aux=True)(params.theta)
+        _, vjp_fn, fvals = jax.vjp(terms, params.theta, has_aux=True)
+        return _rows_of_jacobian(vjp_fn, est.num_terms, dtype), fvals
 
     def chunk(keys, xs):
         grads, fvals = jax.vmap(per_unit_grads)(keys, xs)  # leaves (c, K, *leaf)
@@ -140,7 +151,7 @@ def _chunk_fn(model: Model, est: Estimator, params: Params, state, mode: str, dt
         def co(g):
             m = jnp.mean(g, axis=0)
             c = g - m
-            return m, jnp.einsum("ik...,il...->kl...", c, c)
+            return m, jnp.sum(c[:, :, None] * c[:, None, :], axis=0)
 
         pairs = jax.tree_util.tree_map(co, grads)
         is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
@@ -149,6 +160,20 @@ def _chunk_fn(model: Model, est: Estimator, params: Params, state, mode: str, dt
         return _fstats_of(fvals, dtype), Moments(count, mean, com)
 
     return chunk
+
+
+def merge(mode: str, acc, new):
+    """Merges two chunk results ``(FStats, extra)`` of the given mode."""
+    fs_a, extra_a = acc
+    fs_b, extra_b = new
+    fs = _merge_fstats(fs_a, fs_b)
+    if mode == "grad":
+        extra = jax.tree_util.tree_map(jnp.add, extra_a, extra_b)
+    elif mode == "diag":
+        extra = _merge_moments(extra_a, extra_b)
+    else:
+        extra = None
+    return fs, extra
 
 
 def run(
@@ -165,7 +190,7 @@ def run(
     samples: Optional[PyTree] = None,
 ) -> EngineOut:
     """Runs ``num_units`` units in chunks of ``chunk_units`` under ``lax.scan``."""
-    chunk = _chunk_fn(model, est, params, state, mode, dtype)
+    chunk = make_chunk(model, est, params, state, mode, dtype)
     c = min(chunk_units, num_units)
     n_full, rem = divmod(num_units, c)
 
@@ -173,19 +198,9 @@ def run(
         if samples is not None:
             xs = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), samples)
             return None, xs
-        return _unit_keys(key, jnp.asarray(start, jnp.uint32), size), None
+        return unit_keys(key, jnp.asarray(start, jnp.uint32), size), None
 
-    def combine(acc, new):
-        fs_a, extra_a = acc
-        fs_b, extra_b = new
-        fs = _merge_fstats(fs_a, fs_b)
-        if mode == "grad":
-            extra = jax.tree_util.tree_map(jnp.add, extra_a, extra_b)
-        elif mode == "diag":
-            extra = _merge_moments(extra_a, extra_b)
-        else:
-            extra = None
-        return fs, extra
+    combine = functools.partial(merge, mode)
 
     def scan_input(i):
         start = i * c

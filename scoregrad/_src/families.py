@@ -70,7 +70,7 @@ def normal() -> Family:
         reparameterized=True,
         name="normal",
         check_theta=_check_normal,
-        capabilities=types.MappingProxyType({"continuous": True}),
+        capabilities=types.MappingProxyType({"kind": "normal", "continuous": True}),
     )
 
 
@@ -124,7 +124,7 @@ def bernoulli() -> Family:
         reparameterized=False,
         name="bernoulli",
         check_theta=lambda th: _check_logits(th, "bernoulli"),
-        capabilities=types.MappingProxyType({"discrete": True, "support": _bernoulli_support}),
+        capabilities=types.MappingProxyType({"kind": "bernoulli", "discrete": True, "support": _bernoulli_support}),
     )
 
 
@@ -165,5 +165,5 @@ def categorical() -> Family:
         reparameterized=False,
         name="categorical",
         check_theta=lambda th: _check_logits(th, "categorical", min_ndim=1),
-        capabilities=types.MappingProxyType({"discrete": True, "support": _categorical_support}),
+        capabilities=types.MappingProxyType({"kind": "categorical", "discrete": True, "support": _categorical_support}),
     )
