@@ -91,6 +91,22 @@ class Estimator(NamedTuple):
       needs_key: True if the estimator must draw (pathwise): given samples are refused.
       stateful: True if ``state`` must be threaded through calls.
       check: ``check(model, theta, x_struct) -> None``, trace-time capability checks.
+      learn: optional ``learn(model, params, key, state, num_units, chunk_units) -> state``, a
+        learning step run after an estimate on the same units (``fold_in(key, i)``), e.g. RELAX's
+        control-variate update minimizing the estimate's variance. The estimate itself used the
+        old state, so learning from the current draws keeps it unbiased. ``None``: no step.
+      f_input: optional ``f_input(x_struct, theta) -> struct``: the shape/dtype structure of what
+        the estimator passes to f when it is not the family's draw (e.g. a relaxed categorical
+        sample on the simplex, shape ``(..., K)``). ``None``: f receives the family's draws.
+      fitted: indices of terms whose weights are fitted per parameter coordinate to minimise
+        the variance, each from the *other* folds' draws (cross-fitting keeps it unbiased); see
+        :mod:`scoregrad._src.fitted`. Their ``weights`` entries are ignored. ``()``: none.
+      num_folds: folds for ``fitted`` (contiguous ranges of units).
+      specialize: optional ``specialize(family, theta) -> Estimator``, called by the API first
+        (after theta's checks, before ``num_samples`` is validated) for estimators whose static
+        fields depend on the family or on theta's shapes, e.g. ``draws_per_unit`` of
+        measure-valued (1 + 2 points per coordinate) or enumeration (the support size). It
+        raises ``TypeError``/``ValueError`` for families it cannot handle. ``None``: as built.
     """
 
     name: str
@@ -104,6 +120,12 @@ class Estimator(NamedTuple):
     needs_key: bool = False
     stateful: bool = False
     check: Optional[Callable[..., None]] = None
+    presample: bool = False
+    learn: Optional[Callable[..., State]] = None
+    f_input: Optional[Callable[[PyTree, PyTree], PyTree]] = None
+    fitted: tuple = ()
+    num_folds: int = 2
+    specialize: Optional[Callable[..., "Estimator"]] = None
 
 
 class Baseline(NamedTuple):
@@ -125,6 +147,10 @@ class Baseline(NamedTuple):
       weights: ``weights(fstats, state, num_units) -> (num_features,)``.
       update: ``update(state, fstats) -> state``.
       stateful: True if the state must be threaded through calls.
+      fitted: feature indices whose weights are fitted per parameter coordinate from other
+        draws (cross-fitting, see :attr:`Estimator.fitted`); their ``weights`` entries are ignored.
+      uses_draw: True if ``features`` takes the draw: ``features(f_i, state, x_i)`` (a learned
+        baseline of a context that the score does not depend on).
     """
 
     name: str
@@ -135,6 +161,8 @@ class Baseline(NamedTuple):
     weights: Callable[[FStats, State, int], jax.Array]
     update: Callable[[State, FStats], State]
     stateful: bool = False
+    fitted: tuple = ()
+    uses_draw: bool = False
 
 
 def magic_box(log_prob: jax.Array) -> jax.Array:

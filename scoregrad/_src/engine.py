@@ -111,7 +111,36 @@ def _rows_of_jacobian(vjp_fn, k: int, dtype) -> PyTree:
 
 
 def make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype):
-    """Returns chunk(keys, xs) -> (FStats, grads-or-moments-or-None)."""
+    """Returns ``chunk(keys, xs, live=None) -> (FStats, grads-or-moments-or-None)``.
+
+    ``live`` is an optional traced boolean that is always True at run time (e.g. ``i < n``
+    inside a scan): for estimators with ``presample``, the chunk's draws are made under
+    ``lax.cond(live, ...)``, a fusion boundary that materializes them once.
+    """
+    inner = _make_chunk(model, est, params, state, mode, dtype)
+    if not est.presample:
+        return lambda keys, xs, live=None: inner(keys, xs)
+
+    def draw(keys):
+        xs = jax.vmap(model.draw, in_axes=(None, 0))(params, keys)
+        return jax.lax.stop_gradient(xs)
+
+    def chunk(keys, xs, live=None):
+        if keys is not None:
+            if live is None:
+                xs = draw(keys)
+            else:
+                shapes = jax.eval_shape(draw, keys)
+                zeros = lambda: jax.tree_util.tree_map(  # noqa: E731
+                    lambda s: jnp.zeros(s.shape, s.dtype), shapes
+                )
+                xs = jax.lax.cond(live, draw, lambda _: zeros(), keys)
+        return inner(None, xs)
+
+    return chunk
+
+
+def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype):
 
     def unit(p: Params, key, x):
         return est.unit(model, p, key, x, state)
@@ -203,17 +232,20 @@ def run(
     combine = functools.partial(merge, mode)
 
     def scan_input(i):
-        start = i * c
-        keys, xs = inputs(start, c)
-        return chunk(keys, xs)
+        keys, xs = inputs(i * c, c)
+        return chunk(keys, xs, i < n_full)
 
-    acc = scan_input(0)
-    if n_full > 1:
+    if n_full == 1:
+        acc = chunk(*inputs(0, c))
+    else:
+        zeros = jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(scan_input, jnp.int32(0))
+        )
 
         def body(carry, i):
             return combine(carry, scan_input(i)), None
 
-        acc, _ = jax.lax.scan(body, acc, jnp.arange(1, n_full))
+        acc, _ = jax.lax.scan(body, zeros, jnp.arange(n_full, dtype=jnp.int32))
     if rem:
         keys, xs = inputs(n_full * c, rem)
         acc = combine(acc, chunk(keys, xs))

@@ -58,12 +58,15 @@ def score_function(baseline: Optional[Baseline] = None) -> Estimator:
         )
 
     def unit(model, params, key, x, state):
-        if x is None:
+        if x is None:  # the engine presamples; this path serves direct calls of `unit`
             x = jax.lax.stop_gradient(model.draw(params, key))
         f = model.eval_f(params, x)
         box = magic_box(model.eval_log_prob(params, x))
         f_sg = jax.lax.stop_gradient(f)
-        feats = baseline.features(f_sg, state)
+        if baseline.uses_draw:
+            feats = baseline.features(f_sg, state, x)
+        else:
+            feats = baseline.features(f_sg, state)
         terms = jnp.concatenate([(box * f)[None], (1.0 - box) * feats.astype(box.dtype)])
         return UnitOut(terms, f_sg[None])
 
@@ -84,6 +87,7 @@ def score_function(baseline: Optional[Baseline] = None) -> Estimator:
         needs_key=False,
         stateful=baseline.stateful,
         check=None,
+        fitted=tuple(1 + i for i in baseline.fitted),
     )
 
 
