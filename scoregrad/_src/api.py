@@ -6,8 +6,9 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from scoregrad._src import engine, validation
+from scoregrad._src import engine, fitted, validation
 from scoregrad._src.base import Estimator, FStats, Model, Params
 from scoregrad._src.estimators.score import score_function
 from scoregrad._src.family import Family
@@ -32,6 +33,10 @@ class GradEstimate(NamedTuple):
       num_nonfinite: how many evaluations of f were NaN or infinite (their contributions make
         ``grad`` non-finite: check this before an optimizer step).
       state: the estimator's new state (``()`` for stateless estimators).
+      variance_reduction: pytree like theta: the variance of the estimator's term 0 alone on the
+        same draws divided by ``variance`` (for score-function estimators term 0 is the plain
+        REINFORCE estimator, so this is the factor its baselines/control variates gain; 1 for
+        estimators without auxiliary terms). See :func:`scoregrad.diagnostics`.
     """
 
     value: jax.Array
@@ -43,6 +48,7 @@ class GradEstimate(NamedTuple):
     num_samples: int
     num_nonfinite: jax.Array
     state: Any
+    variance_reduction: PyTree = None
 
 
 class _Prepared(NamedTuple):
@@ -53,6 +59,8 @@ class _Prepared(NamedTuple):
     num_units: int
     chunk: int
     dtype: Any
+    nan_policy: str = "raise"
+    devices: Optional[tuple] = None
 
 
 def _traced_struct(fn: Callable, args, what: str, fix: str):
@@ -79,11 +87,24 @@ def _check_common(f, family, estimator, where):
     return estimator
 
 
-def _prepare(f, family, theta, key, num_samples, estimator, chunk_size, where, samples=None):
+_NAN_POLICIES = ("raise", "drop", "propagate")
+
+
+def _prepare(
+    f, family, theta, key, num_samples, estimator, chunk_size, where, samples=None, *,
+    nan_policy="raise", devices=None,
+):
     est = _check_common(f, family, estimator, where)
+    if nan_policy not in _NAN_POLICIES:
+        raise ValueError(
+            f"{where}: `nan_policy` must be one of {_NAN_POLICIES}; got {nan_policy!r}."
+        )
+    devices = engine.resolve_devices(devices)
     validation.check_theta(theta)
     if family.check_theta is not None:
         family.check_theta(theta)
+    if est.specialize is not None:
+        est = est.specialize(family, theta)
     n = validation.check_num_samples(
         num_samples,
         minimum=est.min_units * est.draws_per_unit,
@@ -109,8 +130,9 @@ def _prepare(f, family, theta, key, num_samples, estimator, chunk_size, where, s
         typed_key, legacy, user_key = None, False, None
         if est.needs_key:
             raise TypeError(
-                f"{est.name} differentiates through the sampler and cannot use given samples; "
-                "call sg.estimate_grad with a key."
+                f"{est.name} draws its own samples (it differentiates through the sampler, or "
+                "couples several draws per unit) and cannot use given samples; call "
+                "sg.estimate_grad with a key."
             )
         x_struct = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), samples)
         sample_c, sample_consts = family.sample, []
@@ -120,11 +142,16 @@ def _prepare(f, family, theta, key, num_samples, estimator, chunk_size, where, s
         "It must return the log-density of ONE draw; sum over independent coordinates, e.g. "
         "`jnp.sum(logpdf(x, ...))`.",
     )
-    f_struct = _traced_struct(f, (x_struct,), "f(x)", "f must accept one draw x as the family samples it.")
+    fx_struct = x_struct if est.f_input is None else est.f_input(x_struct, theta)
+    f_struct = _traced_struct(
+        f, (fx_struct,), "f(x)",
+        "f must accept one draw x as the family samples it"
+        + ("." if est.f_input is None else f" (as {est.name} passes it: {fx_struct})."),
+    )
     validation.check_scalar_float(
         f_struct, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`."
     )
-    f_c, f_consts = jax.closure_convert(f, x_struct)
+    f_c, f_consts = jax.closure_convert(f, fx_struct)
     lp_c, lp_consts = jax.closure_convert(family.log_prob, theta, x_struct)
     model = Model(f_c, lp_c, sample_c, family, legacy)
     if est.check is not None:
@@ -134,7 +161,35 @@ def _prepare(f, family, theta, key, num_samples, estimator, chunk_size, where, s
     if chunk is None:
         chunk = engine.auto_chunk_size(num_units, engine.elements_per_unit(x_struct, theta, est))
     dtype = jax.tree_util.tree_leaves(f_struct)[0].dtype
-    return _Prepared(model, est, params, typed_key, num_units, min(chunk, num_units), dtype)
+    return _Prepared(
+        model, est, params, typed_key, num_units, min(chunk, num_units), dtype, nan_policy, devices
+    )
+
+
+def _raise_if_nonfinite(count, where: str):
+    if count > 0:
+        raise FloatingPointError(
+            f"{where}: {int(count)} evaluation(s) of f (or surrogate terms) were NaN or infinite. "
+            "Fix f / log_prob for these draws, or pass nan_policy='drop' to leave those draws out "
+            "(counted in GradEstimate.num_nonfinite) or nan_policy='propagate' to keep them."
+        )
+
+
+def _apply_nan_policy(prep: _Prepared, fs: FStats, where: str) -> None:
+    if prep.nan_policy == "raise":
+        jax.debug.callback(
+            lambda c: _raise_if_nonfinite(int(np.max(c)), where), fs.nonfinite
+        )
+
+
+def _run(prep: _Prepared, params, state, mode, key=None, samples=None) -> engine.EngineOut:
+    """One engine pass with the call's chunking, NaN policy and devices."""
+    out = engine.run(
+        prep.model, prep.est, params, state, num_units=prep.num_units,
+        chunk_units=prep.chunk, mode=mode, dtype=prep.dtype, key=key, samples=samples,
+        nan_policy="drop" if prep.nan_policy == "drop" else "propagate", devices=prep.devices,
+    )
+    return out
 
 
 def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
@@ -142,22 +197,27 @@ def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
     fs = out.fstats
     w = jax.lax.stop_gradient(est.weights(fs, state, u))
     mom = out.moments
+    n = mom.count  # units kept: u, or fewer with nan_policy="drop"
+
+    def per_unit(v):  # an unbiased per-unit variance from a co-moment sum; NaN below 2 units
+        nn = n.astype(v.dtype)
+        return jnp.where(nn > 1, jnp.maximum(v, 0.0) / jnp.maximum(nn - 1, 1), jnp.nan)
 
     def leaf_grad(m):
         return jnp.tensordot(w.astype(m.dtype), m, axes=1)
 
     def leaf_var(c):
         wc = w.astype(c.dtype)
-        v = jnp.einsum("k,l,kl...->...", wc, wc, c)
-        return jnp.maximum(v, 0.0) / (u - 1) if u > 1 else jnp.full(v.shape, jnp.nan, v.dtype)
+        return per_unit(jnp.einsum("k,l,kl...->...", wc, wc, c))
 
     grad = jax.tree_util.tree_map(leaf_grad, mom.mean)
     var = jax.tree_util.tree_map(leaf_var, mom.comoment)
-    stderr = jax.tree_util.tree_map(lambda v: jnp.sqrt(v / u), var)
+    stderr = jax.tree_util.tree_map(lambda v: jnp.sqrt(v / n.astype(v.dtype)), var)
     snr = jax.tree_util.tree_map(lambda g, s: jnp.abs(g) / s, grad, stderr)
-    fvar = fs.m2 / (fs.count - 1) if u * est.draws_per_unit > 1 else jnp.full((), jnp.nan, fs.m2.dtype)
+    fvar = jnp.where(fs.count > 1, fs.m2 / jnp.maximum(fs.count - 1, 1), jnp.nan)
     value_stderr = jnp.sqrt(fvar / fs.count)
     new_state = est.update(state, fs)
+    plain = jax.tree_util.tree_map(lambda c, v: per_unit(c[0, 0]) / v, mom.comoment, var)
     return GradEstimate(
         value=fs.mean,
         value_stderr=value_stderr,
@@ -168,7 +228,21 @@ def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
         num_samples=u * est.draws_per_unit,
         num_nonfinite=fs.nonfinite,
         state=new_state,
+        variance_reduction=plain,
     )
+
+
+def _routed(prep: _Prepared, state, samples=None) -> GradEstimate:
+    """Estimators with cross-fitted per-coordinate coefficients (see ``fitted.routed``)."""
+    return fitted.estimate(prep, state, samples)
+
+
+def _learn(prep: _Prepared, state):
+    """The estimator's learning step (e.g. RELAX's control variate) on this call's units."""
+    if prep.est.learn is None or prep.key is None:
+        return state
+    params = jax.lax.stop_gradient(prep.params)
+    return prep.est.learn(prep.model, params, prep.key, state, prep.num_units, prep.chunk)
 
 
 def _init_state(est: Estimator, theta, state):
@@ -187,6 +261,8 @@ def estimate_grad(
     estimator: Optional[Estimator] = None,
     state: Any = None,
     chunk_size: Optional[int] = None,
+    nan_policy: str = "raise",
+    devices: Any = None,
 ) -> GradEstimate:
     r"""Estimates :math:`\nabla_\theta \mathbb{E}_{p(x;\theta)}[f(x)]` with standard errors.
 
@@ -206,6 +282,17 @@ def estimate_grad(
       state: the estimator's state for stateful estimators (e.g. a moving-average baseline);
         ``None`` initializes it. The updated state is returned in the result.
       chunk_size: units per chunk; ``None`` picks a cache-sized chunk from the problem size.
+      nan_policy: what to do when f (or a surrogate term) is NaN or infinite for some draws:
+        ``"raise"`` (default) raises ``FloatingPointError`` when the result is computed (also
+        under jit, through ``jax.debug.callback``), so a NaN never reaches an optimizer silently;
+        ``"drop"`` leaves those units out of every statistic and counts them in
+        ``num_nonfinite`` (the estimate is then over the finite draws: biased if non-finite
+        values are not a null event); ``"propagate"`` keeps them (the gradient becomes
+        non-finite) and counts them.
+      devices: ``None`` (one device), ``"all"`` (all local devices), an int, or a list of
+        devices: units are split into contiguous ranges, one per device, under ``shard_map``.
+        Unit ``i`` still draws from ``fold_in(key, i)``: the result equals the one-device result
+        up to floating-point summation order.
 
     Returns:
       A :class:`GradEstimate`.
@@ -222,13 +309,17 @@ def estimate_grad(
       >>> r.grad["loc"].shape, r.stderr["loc"].shape
       ((1,), (1,))
     """
-    prep = _prepare(f, family, theta, key, num_samples, estimator, chunk_size, "estimate_grad")
-    state = _init_state(prep.est, theta, state)
-    out = engine.run(
-        prep.model, prep.est, prep.params, state, num_units=prep.num_units,
-        chunk_units=prep.chunk, mode="diag", dtype=prep.dtype, key=prep.key,
+    prep = _prepare(
+        f, family, theta, key, num_samples, estimator, chunk_size, "estimate_grad",
+        nan_policy=nan_policy, devices=devices,
     )
-    return _finish(prep, out, state)
+    state = _init_state(prep.est, theta, state)
+    if fitted.routed(prep.est):
+        return _routed(prep, state)
+    out = _run(prep, prep.params, state, "diag", key=prep.key)
+    _apply_nan_policy(prep, out.fstats, "estimate_grad")
+    res = _finish(prep, out, state)
+    return res._replace(state=_learn(prep, res.state))
 
 
 def estimate_grad_from_samples(
@@ -240,6 +331,7 @@ def estimate_grad_from_samples(
     estimator: Optional[Estimator] = None,
     state: Any = None,
     chunk_size: Optional[int] = None,
+    nan_policy: str = "raise",
 ) -> GradEstimate:
     r"""Like :func:`estimate_grad`, for draws you already have (e.g. environment rollouts).
 
@@ -266,13 +358,14 @@ def estimate_grad_from_samples(
         )
     samples = jax.tree_util.tree_map(jnp.asarray, samples)
     prep = _prepare(
-        f, family, theta, None, n, estimator, chunk_size, "estimate_grad_from_samples", samples
+        f, family, theta, None, n, estimator, chunk_size, "estimate_grad_from_samples", samples,
+        nan_policy=nan_policy,
     )
     state = _init_state(prep.est, theta, state)
-    out = engine.run(
-        prep.model, prep.est, prep.params, state, num_units=prep.num_units,
-        chunk_units=prep.chunk, mode="diag", dtype=prep.dtype, samples=samples,
-    )
+    if fitted.routed(prep.est):
+        return _routed(prep, state, samples)
+    out = _run(prep, prep.params, state, "diag", samples=samples)
+    _apply_nan_policy(prep, out.fstats, "estimate_grad_from_samples")
     return _finish(prep, out, state)
 
 
@@ -284,9 +377,8 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
     """Value = mean f, gradient (any order) = the estimator, via a custom JVP over the engine."""
     est, u = prep.est, prep.num_units
     impl = jax.random.key_impl(prep.key)
-    run = lambda p, kd, st, mode: engine.run(  # noqa: E731
-        prep.model, est, p, st, num_units=u, chunk_units=prep.chunk, mode=mode,
-        dtype=prep.dtype, key=jax.random.wrap_key_data(kd, impl=impl),
+    run = lambda p, kd, st, mode: _run(  # noqa: E731
+        prep, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl)
     )
 
     @jax.custom_jvp
@@ -298,11 +390,20 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
     def core_jvp(primals, tangents):
         params, key_data, st = primals
         dparams = tangents[0]
+        if fitted.routed(est):
+            key = jax.random.wrap_key_data(key_data, impl=impl)
+            fs, tangent = fitted.jvp(prep, params, key, st, dparams)
+            fsf = _fstats_float(fs)
+            return (fs.mean, fsf), (tangent, jax.tree_util.tree_map(jnp.zeros_like, fsf))
         out = run(params, key_data, st, "grad")
         fs = out.fstats
         w = jax.lax.stop_gradient(est.weights(fs, st, u))
+        if prep.nan_policy == "drop":  # average over the kept (finite) units
+            denom = jax.lax.stop_gradient(jnp.maximum(fs.count / est.draws_per_unit, 1.0))
+        else:
+            denom = u
         grads = jax.tree_util.tree_map(
-            lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1) / u, out.grad_sums
+            lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1) / denom, out.grad_sums
         )
         dots = [
             jnp.vdot(g, dp).astype(fs.mean.dtype)
@@ -314,6 +415,7 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
 
     value, fsf = core(prep.params, jax.random.key_data(prep.key), state)
     fs = fsf._replace(nonfinite=jax.lax.stop_gradient(fsf.nonfinite).astype(jnp.int32))
+    _apply_nan_policy(prep, fs, "expectation")
     return value, jax.lax.stop_gradient(fs)
 
 
@@ -326,6 +428,8 @@ def expectation(
     num_samples: int,
     estimator: Optional[Estimator] = None,
     chunk_size: Optional[int] = None,
+    nan_policy: str = "raise",
+    devices: Any = None,
 ) -> jax.Array:
     r"""A differentiable Monte Carlo estimate of :math:`\mathbb{E}_{p(x;\theta)}[f(x)]`.
 
@@ -340,7 +444,9 @@ def expectation(
 
     Args:
       f: ``f(x) -> scalar``; may close over theta (or anything else being differentiated).
-      family, theta, key, num_samples, estimator, chunk_size: as in :func:`estimate_grad`.
+      family, theta, key, num_samples, estimator, chunk_size, nan_policy, devices: as in
+        :func:`estimate_grad` (with ``nan_policy="drop"`` the gradient averages over the finite
+        draws).
 
     Returns:
       A scalar with f's dtype.
@@ -356,7 +462,10 @@ def expectation(
       >>> sorted(g)
       ['loc', 'scale']
     """
-    prep = _prepare(f, family, theta, key, num_samples, estimator, chunk_size, "expectation")
+    prep = _prepare(
+        f, family, theta, key, num_samples, estimator, chunk_size, "expectation",
+        nan_policy=nan_policy, devices=devices,
+    )
     if prep.est.stateful:
         raise ValueError(
             f"expectation: estimator {prep.est.name} is stateful; use "
@@ -377,6 +486,8 @@ def expectation_with_state(
     num_samples: int,
     estimator: Optional[Estimator] = None,
     chunk_size: Optional[int] = None,
+    nan_policy: str = "raise",
+    devices: Any = None,
 ) -> tuple[jax.Array, Any]:
     """:func:`expectation` for stateful estimators: returns ``(value, new_state)``.
 
@@ -396,11 +507,14 @@ def expectation_with_state(
       >>> g.shape
       (3,)
     """
-    prep = _prepare(f, family, theta, key, num_samples, estimator, chunk_size, "expectation_with_state")
+    prep = _prepare(
+        f, family, theta, key, num_samples, estimator, chunk_size, "expectation_with_state",
+        nan_policy=nan_policy, devices=devices,
+    )
     if state is None:
         raise ValueError(
             "expectation_with_state: `state` is None; start from state = estimator.init(theta)."
         )
     value, fs = _surrogate(prep, state)
-    new_state = jax.lax.stop_gradient(prep.est.update(state, fs))
+    new_state = jax.lax.stop_gradient(_learn(prep, prep.est.update(state, fs)))
     return value, new_state

@@ -13,11 +13,11 @@ never by ``num_samples``. Three modes:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scoregrad._src.base import Estimator, FStats, Model, Params
 
@@ -58,13 +58,20 @@ class EngineOut(NamedTuple):
     moments: Optional[Moments]  # "diag"
 
 
-def _fstats_of(fvals: jax.Array, dtype) -> FStats:
-    fvals = fvals.reshape(-1).astype(dtype)
-    finite = jnp.isfinite(fvals)
-    n = jnp.asarray(fvals.size, dtype)
-    mean = jnp.mean(fvals)
-    m2 = jnp.sum(jnp.square(fvals - mean))
-    return FStats(n, mean, m2, jnp.sum(~finite).astype(jnp.int32))
+def _fstats_of(fvals: jax.Array, dtype, ok: Optional[jax.Array] = None) -> FStats:
+    """Chunk statistics of f; with ``ok`` (per unit), only those units count."""
+    fvals = fvals.astype(dtype)
+    nonfinite = jnp.sum(~jnp.isfinite(fvals)).astype(jnp.int32)
+    if ok is None:
+        flat = fvals.reshape(-1)
+        n = jnp.asarray(flat.size, dtype)
+        mean = jnp.mean(flat)
+        return FStats(n, mean, jnp.sum(jnp.square(flat - mean)), nonfinite)
+    keep = jnp.broadcast_to(ok.reshape((-1,) + (1,) * (fvals.ndim - 1)), fvals.shape)
+    n = jnp.sum(keep).astype(dtype)
+    mean = jnp.sum(jnp.where(keep, fvals, 0)) / jnp.maximum(n, 1)
+    m2 = jnp.sum(jnp.where(keep, jnp.square(fvals - mean), 0))
+    return FStats(n, mean, m2, nonfinite)
 
 
 def _merge_fstats(a: FStats, b: FStats) -> FStats:
@@ -78,8 +85,9 @@ def _merge_fstats(a: FStats, b: FStats) -> FStats:
 
 def _merge_moments(a: Moments, b: Moments) -> Moments:
     n = a.count + b.count
-    frac = b.count / n
-    w = a.count * b.count / n
+    safe_n = jnp.where(n > 0, n, 1)
+    frac = b.count / safe_n
+    w = a.count * b.count / safe_n
 
     def merge_mean(ma, mb):
         return ma + (mb - ma) * frac.astype(ma.dtype)
@@ -110,14 +118,18 @@ def _rows_of_jacobian(vjp_fn, k: int, dtype) -> PyTree:
     return jax.tree_util.tree_map(lambda *r: jnp.stack(r), *rows)
 
 
-def make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype):
+def make_chunk(
+    model: Model, est: Estimator, params: Params, state, mode: str, dtype, drop: bool = False
+):
     """Returns ``chunk(keys, xs, live=None) -> (FStats, grads-or-moments-or-None)``.
 
     ``live`` is an optional traced boolean that is always True at run time (e.g. ``i < n``
     inside a scan): for estimators with ``presample``, the chunk's draws are made under
     ``lax.cond(live, ...)``, a fusion boundary that materializes them once.
+    With ``drop``, units whose f evaluations or terms are not finite are left out of every
+    statistic (``FStats.count`` counts the kept evaluations; ``nonfinite`` all bad ones).
     """
-    inner = _make_chunk(model, est, params, state, mode, dtype)
+    inner = _make_chunk(model, est, params, state, mode, dtype, drop)
     if not est.presample:
         return lambda keys, xs, live=None: inner(keys, xs)
 
@@ -140,20 +152,53 @@ def make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, d
     return chunk
 
 
-def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype):
+def _unit_ok(out) -> jax.Array:
+    """Per unit: all f evaluations and surrogate terms finite."""
+    return jnp.all(jnp.isfinite(out.fvals)) & jnp.all(jnp.isfinite(out.terms))
 
+
+def _masked_moments(grads, ok, dtype) -> Moments:
+    """Chunk mean and centered co-moments of per-unit gradients (leaves (c, K, *leaf))."""
+    count = jnp.sum(ok).astype(dtype)
+
+    def co(g):
+        mask = ok.reshape((-1,) + (1,) * (g.ndim - 1))
+        g = jnp.where(mask, g, 0)
+        m = jnp.sum(g, axis=0) / jnp.maximum(count, 1).astype(g.dtype)
+        c = jnp.where(mask, g - m, 0)
+        return m, jnp.sum(c[:, :, None] * c[:, None, :], axis=0)
+
+    pairs = jax.tree_util.tree_map(co, grads)
+    is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
+    mean = jax.tree_util.tree_map(lambda t: t[0], pairs, is_leaf=is_pair)
+    com = jax.tree_util.tree_map(lambda t: t[1], pairs, is_leaf=is_pair)
+    return Moments(count, mean, com)
+
+
+def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype, drop):
     def unit(p: Params, key, x):
         return est.unit(model, p, key, x, state)
+
+    def per_unit_grads(p: Params, key, x):
+        """Per-unit rows of the Jacobian of the terms w.r.t. ``p``, and the unit's output."""
+
+        def terms(p):
+            out = unit(p, key, x)
+            return out.terms, out
+
+        _, vjp_fn, out = jax.vjp(terms, p, has_aux=True)
+        return _rows_of_jacobian(vjp_fn, est.num_terms, dtype), out
 
     if mode == "value":
 
         def chunk(keys, xs):
             out = jax.vmap(unit, in_axes=(None, 0, 0))(params, keys, xs)
-            return _fstats_of(out.fvals, dtype), None
+            ok = jax.vmap(_unit_ok)(out) if drop else None
+            return _fstats_of(out.fvals, dtype, ok), None
 
         return chunk
 
-    if mode == "grad":
+    if mode == "grad" and not drop:
 
         def chunk(keys, xs):
             def summed(p):
@@ -165,28 +210,31 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
 
         return chunk
 
-    def per_unit_grads(key, x):
+    if mode == "grad":  # drop: per-unit gradients, masked (a NaN never meets a zero cotangent)
+
+        def chunk(keys, xs):
+            grads, out = jax.vmap(per_unit_grads, in_axes=(None, 0, 0))(params, keys, xs)
+            ok = jax.vmap(_unit_ok)(out)
+
+            def masked_sum(g):
+                return jnp.sum(jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0), axis=0)
+
+            return _fstats_of(out.fvals, dtype, ok), jax.tree_util.tree_map(masked_sum, grads)
+
+        return chunk
+
+    def theta_grads(key, x):
         def terms(theta):
             out = unit(params._replace(theta=theta), key, x)
-            return out.terms, out.fvals
+            return out.terms, out
 
-        _, vjp_fn, fvals = jax.vjp(terms, params.theta, has_aux=True)
-        return _rows_of_jacobian(vjp_fn, est.num_terms, dtype), fvals
+        _, vjp_fn, out = jax.vjp(terms, params.theta, has_aux=True)
+        return _rows_of_jacobian(vjp_fn, est.num_terms, dtype), out
 
     def chunk(keys, xs):
-        grads, fvals = jax.vmap(per_unit_grads)(keys, xs)  # leaves (c, K, *leaf)
-        count = jnp.asarray(fvals.shape[0], dtype)
-
-        def co(g):
-            m = jnp.mean(g, axis=0)
-            c = g - m
-            return m, jnp.sum(c[:, :, None] * c[:, None, :], axis=0)
-
-        pairs = jax.tree_util.tree_map(co, grads)
-        is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
-        mean = jax.tree_util.tree_map(lambda t: t[0], pairs, is_leaf=is_pair)
-        com = jax.tree_util.tree_map(lambda t: t[1], pairs, is_leaf=is_pair)
-        return _fstats_of(fvals, dtype), Moments(count, mean, com)
+        grads, out = jax.vmap(theta_grads)(keys, xs)  # leaves (c, K, *leaf)
+        ok = jax.vmap(_unit_ok)(out) if drop else jnp.ones(out.fvals.shape[:1], bool)
+        return _fstats_of(out.fvals, dtype, ok if drop else None), _masked_moments(grads, ok, dtype)
 
     return chunk
 
@@ -205,6 +253,95 @@ def merge(mode: str, acc, new):
     return fs, extra
 
 
+def _run_range(chunk, mode, *, offset, num_units, c, key, samples):
+    """Units ``offset .. offset + num_units`` in chunks of ``c`` (``offset`` may be traced)."""
+    c = min(c, num_units)
+    n_full, rem = divmod(num_units, c)
+
+    def inputs(start, size):
+        if samples is not None:
+            xs = jax.tree_util.tree_map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), samples
+            )
+            return None, xs
+        return unit_keys(key, jnp.asarray(start, jnp.uint32), size), None
+
+    def scan_input(i):
+        keys, xs = inputs(offset + i * c, c)
+        return chunk(keys, xs, i < n_full)
+
+    if n_full == 1:
+        acc = chunk(*inputs(offset, c))
+    else:
+        zeros = jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(scan_input, jnp.int32(0))
+        )
+
+        def body(carry, i):
+            return merge(mode, carry, scan_input(i)), None
+
+        acc, _ = jax.lax.scan(body, zeros, jnp.arange(n_full, dtype=jnp.int32))
+    if rem:
+        acc = merge(mode, acc, chunk(*inputs(offset + n_full * c, rem)))
+    return acc
+
+
+def _run_sharded(chunk, mode, *, devices, num_units, c, key):
+    """Splits units into contiguous per-device ranges under ``shard_map``; merges in order."""
+    n_dev = len(devices)
+    per = num_units // n_dev
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("units",))
+    impl = jax.random.key_impl(key)
+
+    def body(key_data):
+        k = jax.random.wrap_key_data(key_data, impl=impl)
+        offset = jax.lax.axis_index("units").astype(jnp.int32) * per
+        acc = _run_range(chunk, mode, offset=offset, num_units=per, c=c, key=k, samples=None)
+        return jax.tree_util.tree_map(lambda a: a[None], acc)
+
+    stacked = jax.shard_map(
+        body, mesh=mesh, in_specs=jax.P(), out_specs=jax.P("units"), check_vma=False
+    )(jax.random.key_data(key))
+    acc = jax.tree_util.tree_map(lambda a: a[0], stacked)
+    for d in range(1, n_dev):
+        acc = merge(mode, acc, jax.tree_util.tree_map(lambda a, d=d: a[d], stacked))
+    if num_units > per * n_dev:
+        rest = _run_range(
+            chunk, mode, offset=per * n_dev, num_units=num_units - per * n_dev, c=c, key=key,
+            samples=None,
+        )
+        acc = merge(mode, acc, rest)
+    return acc
+
+
+def resolve_devices(devices) -> Optional[tuple]:
+    """``None`` -> one device; ``"all"`` -> all local devices; an int n -> the first n; a
+    sequence of devices as given."""
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f"`devices` must be None, 'all', an int or a list of devices; got {devices!r}.")
+        found = tuple(jax.local_devices())
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        local = jax.local_devices()
+        if not 1 <= devices <= len(local):
+            raise ValueError(
+                f"`devices`={devices} but {len(local)} local device(s) exist; use 1..{len(local)} or 'all'."
+            )
+        found = tuple(local[: int(devices)])
+    else:
+        try:
+            found = tuple(devices)
+        except TypeError:
+            raise TypeError(
+                f"`devices` must be None, 'all', an int or a list of devices; got {type(devices).__name__}."
+            ) from None
+        if not found or not all(isinstance(d, jax.Device) for d in found):
+            raise TypeError("`devices` must be a non-empty list of jax.Device objects.")
+    return found if len(found) > 1 else None
+
+
 def run(
     model: Model,
     est: Estimator,
@@ -217,38 +354,24 @@ def run(
     dtype,
     key: Optional[jax.Array] = None,
     samples: Optional[PyTree] = None,
+    nan_policy: str = "propagate",
+    devices: Optional[tuple] = None,
 ) -> EngineOut:
-    """Runs ``num_units`` units in chunks of ``chunk_units`` under ``lax.scan``."""
-    chunk = make_chunk(model, est, params, state, mode, dtype)
-    c = min(chunk_units, num_units)
-    n_full, rem = divmod(num_units, c)
+    """Runs ``num_units`` units in chunks of ``chunk_units`` under ``lax.scan``.
 
-    def inputs(start, size):
-        if samples is not None:
-            xs = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), samples)
-            return None, xs
-        return unit_keys(key, jnp.asarray(start, jnp.uint32), size), None
-
-    combine = functools.partial(merge, mode)
-
-    def scan_input(i):
-        keys, xs = inputs(i * c, c)
-        return chunk(keys, xs, i < n_full)
-
-    if n_full == 1:
-        acc = chunk(*inputs(0, c))
-    else:
-        zeros = jax.tree_util.tree_map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(scan_input, jnp.int32(0))
+    With ``devices`` (two or more, from :func:`resolve_devices`) and a key, unit ranges are
+    sharded across devices with ``shard_map``; unit ``i`` still draws from ``fold_in(key, i)``,
+    so the result equals the one-device result up to floating-point summation order.
+    """
+    chunk = make_chunk(model, est, params, state, mode, dtype, drop=nan_policy == "drop")
+    if devices is not None and samples is None and num_units >= len(devices):
+        acc = _run_sharded(
+            chunk, mode, devices=devices, num_units=num_units, c=chunk_units, key=key
         )
-
-        def body(carry, i):
-            return combine(carry, scan_input(i)), None
-
-        acc, _ = jax.lax.scan(body, zeros, jnp.arange(n_full, dtype=jnp.int32))
-    if rem:
-        keys, xs = inputs(n_full * c, rem)
-        acc = combine(acc, chunk(keys, xs))
+    else:
+        acc = _run_range(
+            chunk, mode, offset=0, num_units=num_units, c=chunk_units, key=key, samples=samples
+        )
     fstats, extra = acc
     if mode == "grad":
         return EngineOut(fstats, extra, None)
