@@ -192,10 +192,17 @@ def _run(prep: _Prepared, params, state, mode, key=None, samples=None) -> engine
     return out
 
 
+def _kept_units(prep: _Prepared, fs: FStats):
+    """Units the estimate averages over: all of them, or (nan_policy="drop") the finite ones."""
+    if prep.nan_policy == "drop":
+        return jax.lax.stop_gradient(jnp.maximum(fs.count / prep.est.draws_per_unit, 1.0))
+    return prep.num_units
+
+
 def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
     est, u = prep.est, prep.num_units
     fs = out.fstats
-    w = jax.lax.stop_gradient(est.weights(fs, state, u))
+    w = jax.lax.stop_gradient(est.weights(fs, state, _kept_units(prep, fs)))
     mom = out.moments
     n = mom.count  # units kept: u, or fewer with nan_policy="drop"
 
@@ -397,11 +404,8 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
             return (fs.mean, fsf), (tangent, jax.tree_util.tree_map(jnp.zeros_like, fsf))
         out = run(params, key_data, st, "grad")
         fs = out.fstats
-        w = jax.lax.stop_gradient(est.weights(fs, st, u))
-        if prep.nan_policy == "drop":  # average over the kept (finite) units
-            denom = jax.lax.stop_gradient(jnp.maximum(fs.count / est.draws_per_unit, 1.0))
-        else:
-            denom = u
+        denom = _kept_units(prep, fs)  # with nan_policy="drop": the finite units
+        w = jax.lax.stop_gradient(est.weights(fs, st, denom))
         grads = jax.tree_util.tree_map(
             lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1) / denom, out.grad_sums
         )
