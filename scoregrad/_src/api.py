@@ -382,7 +382,7 @@ def _fstats_float(fs: FStats) -> FStats:
 
 def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
     """Value = mean f, gradient (any order) = the estimator, via a custom JVP over the engine."""
-    est, u = prep.est, prep.num_units
+    est = prep.est
     impl = jax.random.key_impl(prep.key)
     run = lambda p, kd, st, mode: _run(  # noqa: E731
         prep, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl)
