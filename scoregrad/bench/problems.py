@@ -1,0 +1,166 @@
+"""The problem registry of ``scoregrad bench``: expectations whose gradient is known EXACTLY.
+
+Each :class:`Problem` is ``E_{x ~ p(x; theta)}[f(x)]`` given by a :class:`scoregrad.Family`, a
+parameter ``theta``, an integrand ``f`` and the exact value and gradient (closed form or
+enumeration, in float64 NumPy), with the capabilities estimators are matched on (see
+:mod:`scoregrad.bench.registry`).
+
+Problems (``problem_names()``):
+
+* ``gauss_{square,exp,cos}_d{1,10,100}``: :math:`(x-1)^2`, :math:`e^{-x^2}`, :math:`\\cos(2x)`
+  summed over the coordinates of a diagonal normal (Mohamed et al. 2020, §3).
+* ``bernoulli_t0.45``, ``bernoulli_t0.499``: :math:`E_{b\\sim Bern(\\sigma(\\phi))}[(b-t)^2]`
+  (Tucker et al. 2017; Yin and Zhou 2019), a tiny gradient :math:`\\sigma'(\\phi)(1-2t)`.
+* ``categorical_k10``: :math:`E_{x \\sim Cat(softmax(\\theta))}[(x/9 - 0.45)^2]`.
+* ``bs_call``, ``bs_digital``: Black–Scholes delta and vega of a call and of a cash-or-nothing
+  digital (pathwise fails on the digital: its payoff has a zero derivative almost everywhere).
+* ``blr_elbo``: the ELBO gradient of conjugate Bayesian linear regression under a diagonal
+  normal variational posterior.
+* ``bandit_k10``: a categorical policy over 10 arms with noisy rewards; the exact policy gradient.
+
+Examples:
+  >>> from scoregrad.bench import problems
+  >>> p = problems.get_problem("bernoulli_t0.499")
+  >>> round(float(p.exact_grad[0]), 6), sorted(p.capabilities)
+  (0.0005, ['discrete', 'enumerable', 'kind:bernoulli'])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from scoregrad._src.family import Family
+from scoregrad.bench import _closed_forms as cf
+
+PyTree = Any
+
+CAPABILITIES = frozenset({
+    "continuous", "discrete", "reparameterizable", "differentiable_f", "enumerable",
+    "kind:normal", "kind:bernoulli", "kind:categorical",
+})
+
+
+class Problem(NamedTuple):
+    """A benchmark problem with an exact answer.
+
+    Attributes:
+      name: unique label.
+      family: the :class:`scoregrad.Family` p(x; theta).
+      theta: the parameters (a pytree of float64 NumPy arrays; the runner casts them).
+      f: the integrand ``f(x) -> scalar`` (its dtype follows x / theta's dtype).
+      exact_value: ``E[f(x)]``.
+      exact_grad: the exact gradient, a pytree like theta (float64 NumPy).
+      capabilities: a frozenset of strings from :data:`CAPABILITIES`.
+      group: a label for grouping in reports ("gaussian", "bernoulli", ...).
+      description: one line for reports.
+    """
+
+    name: str
+    family: Family
+    theta: PyTree
+    f: Callable[[PyTree], jax.Array]
+    exact_value: float
+    exact_grad: PyTree
+    capabilities: frozenset
+    group: str
+    description: str
+
+
+def _family_caps(family: Family, differentiable_f: bool) -> frozenset:
+    caps = set()
+    meta = family.capabilities or {}
+    kind = meta.get("kind") if hasattr(meta, "get") else None
+    if kind in ("normal", "bernoulli", "categorical"):
+        caps.add(f"kind:{kind}")
+    if meta.get("support") is not None if hasattr(meta, "get") else False:
+        caps.add("enumerable")
+    if family.reparameterized:
+        caps.add("reparameterizable")
+        caps.add("continuous")
+    else:
+        caps.add("discrete")
+    if differentiable_f and family.reparameterized:
+        caps.add("differentiable_f")
+    return frozenset(caps)
+
+
+def _make(spec: cf.Spec, name: str, group: str, description: str) -> Problem:
+    caps = _family_caps(spec.family, spec.differentiable_f)
+    return Problem(
+        name, spec.family, spec.theta, spec.f, float(spec.value), spec.grad, caps, group,
+        description,
+    )
+
+
+def _build() -> dict[str, Problem]:
+    probs = []
+    for d in (1, 10, 100):
+        probs.append(_make(cf.gauss_square(d, 1.0), f"gauss_square_d{d}", "gaussian",
+                           f"sum (x-1)^2, x ~ N(loc, scale^2) diagonal, d={d}"))
+        probs.append(_make(cf.gauss_exp(d, 1.0), f"gauss_exp_d{d}", "gaussian",
+                           f"sum exp(-x^2), diagonal normal, d={d}"))
+        probs.append(_make(cf.gauss_cos(d, 2.0), f"gauss_cos_d{d}", "gaussian",
+                           f"sum cos(2x), diagonal normal, d={d}"))
+    for t in (0.45, 0.499):
+        probs.append(_make(cf.bernoulli_toy(t), f"bernoulli_t{t}", "bernoulli",
+                           f"(b - {t})^2, b ~ Bern(sigmoid(phi)), phi = 0"))
+    probs.append(_make(cf.categorical_toy(10, 0.45), "categorical_k10", "categorical",
+                       "(x/9 - 0.45)^2, x ~ Cat(softmax(theta)), K = 10"))
+    probs.append(_make(cf.black_scholes(digital=False, strike=105.0), "bs_call", "finance",
+                       "Black-Scholes call, S0=100, K=105: delta (d/d spot) and vega (d/d sigma)"))
+    probs.append(_make(cf.black_scholes(digital=True, strike=120.0), "bs_digital", "finance",
+                       "Black-Scholes cash-or-nothing digital, S0=100, K=120: delta and vega"))
+    probs.append(_make(cf.blr_elbo(), "blr_elbo", "bayes",
+                       "conjugate Bayesian linear regression ELBO, diagonal normal q, d = 5"))
+    probs.append(_make(cf.bandit(10), "bandit_k10", "rl",
+                       "softmax policy over 10 arms, noisy rewards (policy gradient)"))
+    return {p.name: p for p in probs}
+
+
+_PROBLEMS: dict[str, Problem] | None = None
+
+
+def _all() -> dict[str, Problem]:
+    global _PROBLEMS
+    if _PROBLEMS is None:
+        _PROBLEMS = _build()
+    return _PROBLEMS
+
+
+def problem_names() -> list[str]:
+    """Names of all registered problems."""
+    return list(_all())
+
+
+def get_problem(name: str) -> Problem:
+    """The problem called ``name``; ``KeyError`` listing the known names otherwise."""
+    probs = _all()
+    if name not in probs:
+        raise KeyError(f"unknown problem {name!r}; known: {', '.join(probs)}")
+    return probs[name]
+
+
+def select(patterns: list[str], names: list[str], what: str) -> list[str]:
+    """Names matching any of ``patterns`` (exact names or shell globs), in registry order.
+
+    Raises:
+      ValueError: a pattern matches nothing (the message lists the known names).
+    """
+    out = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ValueError(f"unknown {what} {pat!r}; known: {', '.join(names)}")
+        out.extend(h for h in hits if h not in out)
+    return [n for n in names if n in out]
+
+
+def flat(tree: PyTree) -> np.ndarray:
+    """A float64 vector of a pytree's leaves in ``jax.flatten_util.ravel_pytree`` order."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in leaves])

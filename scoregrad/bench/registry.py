@@ -1,0 +1,173 @@
+"""The estimator registry of ``scoregrad bench``: name -> factory + which problems it applies to.
+
+Adding an estimator to the benchmark is ONE entry in :data:`ESTIMATORS` (insert it just above the
+marker comment at the end of the list)::
+
+    EstimatorEntry(
+        name="disarm",                                  # unique, shown in tables and plots
+        factory=lambda problem: sg.disarm(),            # -> a scoregrad Estimator
+        requires=frozenset({"kind:bernoulli"}),         # capabilities the problem must have
+        description="DisARM (Dong et al. 2020), coupled antithetic pairs",
+    ),
+
+``factory`` receives the :class:`~scoregrad.bench.problems.Problem` (its family, theta, f and
+capabilities) so that an estimator needing problem-specific configuration can read it; most
+ignore it. An entry applies to a problem when every capability in ``requires`` is in
+``problem.capabilities`` and none in ``excludes`` is. Capabilities are the strings in
+:data:`scoregrad.bench.problems.CAPABILITIES`: ``"discrete"``, ``"continuous"``,
+``"reparameterizable"`` (the family's sampler is differentiable in theta),
+``"differentiable_f"`` (f is differentiable in x with an informative derivative),
+``"enumerable"`` (small finite support: ``family.capabilities["support"]``), and the built-in
+family kind, ``"kind:normal"``, ``"kind:bernoulli"``, ``"kind:categorical"``.
+
+Stateful estimators (``Estimator.stateful``) are warmed up on ``warmup_batches`` batches (their
+state threaded through :func:`scoregrad.estimate_grad`) before they are measured; every replicate
+then starts from that warmed state. Sample budgets the estimator cannot use
+(``num_samples < min_units * draws_per_unit`` or not a multiple of ``draws_per_unit``) are
+skipped with the reason recorded. Names must be unique; per-cell PRNG keys do not depend on the
+estimator (common random numbers across estimators), so adding an entry changes no other result.
+
+Examples:
+  >>> from scoregrad.bench import problems, registry
+  >>> p = problems.get_problem("bernoulli_t0.45")
+  >>> [e.name for e in registry.applicable(p)][:3]
+  ['score_function', 'score_function+loo', 'score_function+ema']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import scoregrad as sg
+from scoregrad.bench.problems import CAPABILITIES, Problem
+
+
+class EstimatorEntry(NamedTuple):
+    """One benchmarked estimator.
+
+    Attributes:
+      name: unique label (tables, JSON, plots, ``--estimators``).
+      factory: ``factory(problem) -> scoregrad.Estimator``.
+      requires: capabilities the problem must have (see the module docstring).
+      excludes: capabilities the problem must not have.
+      warmup_batches: batches used to warm up a stateful estimator's state.
+      description: one line for reports.
+    """
+
+    name: str
+    factory: Callable[[Problem], sg.Estimator]
+    requires: frozenset = frozenset()
+    excludes: frozenset = frozenset()
+    warmup_batches: int = 5
+    description: str = ""
+
+
+ESTIMATORS: list[EstimatorEntry] = [
+    EstimatorEntry(
+        name="score_function",
+        factory=lambda problem: sg.score_function(),
+        description="REINFORCE / likelihood ratio, no baseline",
+    ),
+    EstimatorEntry(
+        name="score_function+loo",
+        factory=lambda problem: sg.score_function(baseline=sg.baselines.leave_one_out()),
+        description="score function with the leave-one-out baseline (RLOO)",
+    ),
+    EstimatorEntry(
+        name="score_function+ema",
+        factory=lambda problem: sg.score_function(baseline=sg.baselines.moving_average(0.9)),
+        description="score function with an EMA baseline of past batches (decay 0.9, stateful)",
+    ),
+    EstimatorEntry(
+        name="pathwise",
+        factory=lambda problem: sg.pathwise(),
+        requires=frozenset({"reparameterizable", "differentiable_f"}),
+        description="reparameterization gradient through the sampler",
+    ),
+    EstimatorEntry(
+        name="arm",
+        factory=lambda problem: sg.arm(),
+        requires=frozenset({"kind:bernoulli"}),
+        description="ARM (Yin & Zhou 2019), antithetic pairs: num_samples/2 pairs",
+    ),
+    EstimatorEntry(
+        name="disarm",
+        factory=lambda problem: sg.disarm(),
+        requires=frozenset({"kind:bernoulli"}),
+        description="DisARM (Dong, Mnih & Tucker 2020), antithetic pairs, Rao-Blackwellized ARM",
+    ),
+    EstimatorEntry(
+        name="gumbel_softmax(0.5)",
+        factory=lambda problem: sg.gumbel_softmax(0.5),
+        requires=frozenset({"kind:bernoulli"}),
+        description="Concrete / Gumbel-softmax relaxation, temperature 0.5 (biased)",
+    ),
+    EstimatorEntry(
+        name="straight_through",
+        factory=lambda problem: sg.straight_through(),
+        requires=frozenset({"kind:bernoulli"}),
+        description="straight-through: hard draw forward, probabilities' gradient back (biased)",
+    ),
+    EstimatorEntry(
+        name="straight_through_gumbel(0.5)",
+        factory=lambda problem: sg.straight_through_gumbel(0.5),
+        requires=frozenset({"kind:bernoulli"}),
+        description="straight-through Gumbel-softmax, temperature 0.5 (biased)",
+    ),
+    EstimatorEntry(
+        name="rebar",
+        factory=lambda problem: sg.rebar(temperature=0.5, eta=1.0),
+        requires=frozenset({"kind:bernoulli"}),
+        description="REBAR (Tucker et al. 2017), eta and temperature learned (stateful)",
+    ),
+    EstimatorEntry(
+        name="relax",
+        factory=lambda problem: sg.relax(),
+        requires=frozenset({"kind:bernoulli"}),
+        description="RELAX (Grathwohl et al. 2018), REBAR + MLP control variate learned (stateful)",
+    ),
+    # ^ add new EstimatorEntry(...) items above this line (one entry per estimator).
+]
+
+
+def _check_entries(entries) -> None:
+    seen = set()
+    for e in entries:
+        if not isinstance(e, EstimatorEntry):
+            raise TypeError(f"registry.ESTIMATORS holds a {type(e).__name__}; use EstimatorEntry.")
+        if e.name in seen:
+            raise ValueError(f"registry.ESTIMATORS: duplicate estimator name {e.name!r}.")
+        unknown = (set(e.requires) | set(e.excludes)) - CAPABILITIES
+        if unknown:
+            raise ValueError(
+                f"registry entry {e.name!r}: unknown capabilities {sorted(unknown)}; "
+                f"known: {sorted(CAPABILITIES)}."
+            )
+        seen.add(e.name)
+
+
+def estimator_names() -> list[str]:
+    """Names of all registered estimators, in registry order."""
+    _check_entries(ESTIMATORS)
+    return [e.name for e in ESTIMATORS]
+
+
+def get_estimator(name: str) -> EstimatorEntry:
+    """The entry called ``name``; ``KeyError`` listing the known names otherwise."""
+    for e in ESTIMATORS:
+        if e.name == name:
+            return e
+    raise KeyError(f"unknown estimator {name!r}; known: {', '.join(estimator_names())}")
+
+
+def applies(entry: EstimatorEntry, problem: Problem) -> bool:
+    """Whether ``entry`` applies to ``problem`` (by capability)."""
+    caps = problem.capabilities
+    return set(entry.requires) <= caps and not (set(entry.excludes) & caps)
+
+
+def applicable(problem: Problem) -> list[EstimatorEntry]:
+    """The registered entries that apply to ``problem``, in registry order."""
+    _check_entries(ESTIMATORS)
+    return [e for e in ESTIMATORS if applies(e, problem)]

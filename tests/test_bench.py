@@ -1,0 +1,250 @@
+"""Tests of `scoregrad bench`: problem answers, the registry, statistics, the CLI end to end."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from stats_util import assert_power, assert_unbiased
+
+from scoregrad.bench import cli, problems, registry, report, runner
+
+ALL_PROBLEMS = problems.problem_names()
+
+
+def _theta(problem):
+    return jax.tree_util.tree_map(jnp.asarray, problem.theta)
+
+
+def _per_draw(problem, theta, baseline):
+    """One draw's gradient contribution and f value: pathwise where valid, else score function."""
+    fam, f = problem.family, problem.f
+    if {"reparameterizable", "differentiable_f"} <= problem.capabilities:
+        def per(k):
+            g = jax.grad(lambda th: f(fam.sample(th, k)))(theta)
+            return jnp.append(ravel_pytree(g)[0], f(fam.sample(theta, k)))
+    else:
+        def per(k):
+            x = fam.sample(theta, k)
+            s = jax.grad(fam.log_prob)(theta, x)
+            return jnp.append(ravel_pytree(s)[0] * (f(x) - baseline), f(x))
+    return per
+
+
+def _mc_estimate(problem, key, num_samples, batch=10_000):
+    """High-sample (grad, SE, value, SE), independent of the scoregrad engine: i.i.d. draws in
+    batches under lax.map, summed; the score function's baseline comes from independent draws."""
+    theta = _theta(problem)
+
+    @jax.jit
+    def run(key):
+        pilot_keys = jax.random.split(jax.random.fold_in(key, 1), 2000)
+        pilot = jax.vmap(lambda k: problem.f(problem.family.sample(theta, k)))(pilot_keys)
+        per = _per_draw(problem, theta, jnp.mean(pilot))
+        keys = jax.random.split(jax.random.fold_in(key, 2), num_samples)
+        vals = jax.lax.map(jax.vmap(per), keys.reshape(-1, batch))  # (B, batch, P + 1)
+        mean_b = vals.mean(1)
+        m2_b = jnp.sum((vals - mean_b[:, None]) ** 2, axis=1)
+        mean = mean_b.mean(0)
+        m2 = m2_b.sum(0) + batch * jnp.sum((mean_b - mean) ** 2, axis=0)
+        return mean, jnp.sqrt(m2 / (num_samples - 1) / num_samples)
+
+    mean, se = (np.asarray(a, np.float64) for a in run(key))
+    return mean[:-1], se[:-1], mean[-1], se[-1]
+
+
+# 1e5 draws: every problem's power check needs at most 6e4 (measured; gauss_cos_d1 the most).
+NUM_SAMPLES = 100_000
+
+
+# The d = 100 Gaussian problems repeat the d = 1 and d = 10 closed forms coordinatewise: slow.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n.endswith("_d100") else n for n in ALL_PROBLEMS])
+def test_exact_answer_matches_high_sample_estimate(name, x64):
+    problem = problems.get_problem(name)
+    exact = problems.flat(problem.exact_grad)
+    key = jax.random.fold_in(jax.random.key(8), runner.stable_id(name))
+    grad, se, value, value_se = _mc_estimate(problem, key, NUM_SAMPLES)
+    scale = np.abs(exact).max()
+    assert_unbiased(grad, se, exact, atol=1e-9 * scale, what=f"{name} gradient")
+    assert_unbiased(value, value_se, problem.exact_value, atol=1e-9, what=f"{name} value")
+    # Power: a 10% error in the largest gradient coordinate, and a 5% error in the value (or 0.05
+    # absolute when |value| < 1), would be detected.
+    assert_power(5 * se, 0.1 * scale, what=f"{name} gradient")
+    assert_power(5 * value_se, 0.05 * max(abs(problem.exact_value), 1.0), what=f"{name} value")
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_PROBLEMS
+                                  if "enumerable" in problems.get_problem(n).capabilities])
+def test_discrete_answers_by_enumeration(name, x64):
+    problem = problems.get_problem(name)
+    theta = _theta(problem)
+    support = problem.family.capabilities["support"](theta)
+    fx = jax.vmap(problem.f)(support)
+
+    def expected(th):
+        logp = jax.vmap(lambda x: problem.family.log_prob(th, x))(support)
+        return jnp.sum(jnp.exp(logp) * fx)
+
+    value, grad = jax.value_and_grad(expected)(theta)
+    np.testing.assert_allclose(float(value), problem.exact_value, rtol=1e-10)
+    np.testing.assert_allclose(problems.flat(grad), problems.flat(problem.exact_grad), rtol=1e-10,
+                               atol=1e-15)
+
+
+def test_problem_registry_is_well_formed():
+    assert len(ALL_PROBLEMS) == len(set(ALL_PROBLEMS)) >= 16
+    for name in ALL_PROBLEMS:
+        p = problems.get_problem(name)
+        assert p.capabilities <= problems.CAPABILITIES
+        assert jax.tree_util.tree_structure(p.theta) == jax.tree_util.tree_structure(p.exact_grad)
+        assert np.all(np.isfinite(problems.flat(p.exact_grad)))
+    assert "pathwise" not in [e.name for e in registry.applicable(problems.get_problem("bs_digital"))]
+    with pytest.raises(KeyError, match="known"):
+        problems.get_problem("nope")
+
+
+def test_every_registered_estimator_builds_for_its_problems():
+    names = registry.estimator_names()
+    assert {"score_function", "score_function+loo", "score_function+ema", "pathwise"} <= set(names)
+    for pname in ALL_PROBLEMS:
+        p = problems.get_problem(pname)
+        for entry in registry.applicable(p):
+            est = entry.factory(p)
+            assert est.unit is not None, (entry.name, pname)
+
+
+def test_keys_are_stable_and_shared_across_estimators():
+    assert runner.stable_id("bernoulli_t0.45") == runner.stable_id("bernoulli_t0.45")
+    assert runner.stable_id("abc") == 891568578  # CRC-32, the same in every process
+    a = jax.random.key_data(runner.cell_key("gauss_square_d10", 100))
+    b = jax.random.key_data(runner.cell_key("gauss_square_d10", 1000))
+    assert not np.array_equal(a, b)
+
+
+def test_summarize_flags_bias_and_checks_stderr():
+    rng = np.random.default_rng(0)
+    exact = np.array([1.0, -2.0])
+    g = exact + rng.normal(size=(400, 2))
+    s = np.ones((400, 2))
+    ok = runner.summarize(g, s, exact, 1e-3)
+    assert not ok["biased"] and 0.8 < ok["stderr_ratio"] < 1.2
+    assert ok["work_normalized_variance"] == pytest.approx(ok["variance"] * 1e-3)
+    bad = runner.summarize(g + 1.0, s, exact, 1e-3)
+    assert bad["biased"] and bad["bias_z_max"] > 5
+
+
+def test_rank_within_problem_and_budget():
+    cells = [{"problem": "p", "num_samples": 8, "status": "ok", "work_normalized_variance": v}
+             for v in (3.0, 1.0, 2.0)]
+    runner.rank(cells)
+    assert [c["rank"] for c in cells] == [3, 1, 2]
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "x.json"
+    report.atomic_write(target, b"1")
+    report.atomic_write(target, b"2")
+    assert target.read_bytes() == b"2"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--suite", "quick", "--problems", "gauss_square_d1", "bernoulli_t0.45",
+            "--estimators", "score_function+ema", "pathwise", "--samples", "8", "16",
+            "--replicates", "4", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "gauss_square_d1" in printed and "var×s" in printed
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["report.md", "results.json", "variance_vs_samples.png",
+                     "work_normalized_variance.png"]
+    for png in ("variance_vs_samples.png", "work_normalized_variance.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+    res = json.loads((out / "results.json").read_text())
+    assert {"schema_version", "meta", "settings", "problems", "estimators", "cells",
+            "not_applicable", "summary"} <= set(res)
+    assert {"jax_version", "scoregrad_version", "git_commit", "timestamp", "machine"} <= set(res["meta"])
+    assert res["settings"]["samples"] == [8, 16] and res["settings"]["replicates"] == 4
+    assert {k: res["summary"][k] for k in ("ok", "skipped", "error")} == {
+        "ok": 6, "skipped": 0, "error": 0}
+    assert res["summary"]["wall_seconds"] > 0
+    assert [(s["problem"], s["estimator"]) for s in res["not_applicable"]] == [
+        ("bernoulli_t0.45", "pathwise")]
+    for cell in res["cells"]:
+        assert {"problem", "estimator", "num_samples", "bias_norm", "bias_se_norm", "bias_z_max",
+                "variance", "stderr_ratio", "seconds", "work_normalized_variance", "rank"} <= set(cell)
+        assert cell["variance"] > 0 and cell["seconds"] > 0
+    md = (out / "report.md").read_text()
+    assert "![variance_vs_samples.png](variance_vs_samples.png)" in md and "| pathwise |" in md
+
+
+def test_rerun_gives_the_same_statistics():
+    p = problems.get_problem("bernoulli_t0.45")
+    e = registry.get_estimator("score_function")
+    a = runner.run_cell(p, e, 8, 4, jnp.float32)
+    b = runner.run_cell(p, e, 8, 4, jnp.float32)
+    for k in ("bias_norm", "bias_z_max", "variance", "stderr_ratio"):
+        assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--suite", "huge"], "invalid choice"),
+    (["bench", "--samples", "0"], "positive integer"),
+    (["bench", "--samples", "ten"], "positive integer"),
+    (["bench", "--replicates", "1"], "--replicates must be >= 2"),
+    (["bench", "--problems", "no_such_problem"], "unknown problem 'no_such_problem'"),
+    (["bench", "--estimators", "magic"], "unknown estimator 'magic'"),
+    (["bench", "--device", "tpu"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_fail_clearly(argv, message, capsys, tmp_path):
+    code = cli.main([*argv, "--out", str(tmp_path)] if argv else argv)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_arguments_via_subprocess(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    root = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "scoregrad.bench.cli", "bench", "--problems", "nope"],
+        capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown problem 'nope'" in proc.stderr and "--list" in proc.stderr
+
+
+def test_list(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ALL_PROBLEMS + registry.estimator_names())
+
+
+def test_unusable_budgets_are_skipped_and_failures_recorded(tmp_path, monkeypatch, capsys):
+    p = problems.get_problem("bernoulli_t0.45")
+    pairs = registry.EstimatorEntry(
+        "pairs", lambda problem: registry.get_estimator("score_function").factory(problem)
+        ._replace(draws_per_unit=2))
+    cell = runner.run_cell(p, pairs, 7, 4, jnp.float32)
+    assert cell["status"] == "skipped" and "multiple of 2" in cell["reason"]
+
+    def broken(problem):
+        raise RuntimeError("factory exploded")
+
+    monkeypatch.setattr(registry, "ESTIMATORS",
+                        [*registry.ESTIMATORS, registry.EstimatorEntry("broken", broken)])
+    code = cli.main(["bench", "--problems", "bernoulli_t0.45", "--estimators", "broken",
+                     "--samples", "8", "--replicates", "2", "--out", str(tmp_path), "--quiet"])
+    assert code == 1
+    assert "1 cell(s) failed" in capsys.readouterr().err
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["cells"][0]["status"] == "error" and "factory exploded" in res["cells"][0]["reason"]
+    assert (tmp_path / "variance_vs_samples.png").stat().st_size > 0
