@@ -156,3 +156,30 @@ def test_memory_is_bounded_in_num_samples():
     out = _run_python(code, {})
     growth_mb = (out["big_kb"] - out["small_kb"]) / 1024
     assert growth_mb < 100, f"peak RSS grew by {growth_mb:.0f} MB from 2e4 to 2e6 draws"
+
+
+@pytest.mark.slow
+def test_multihost_example_two_processes_agree_with_one_device():
+    """examples/multihost.py: 2 processes x 2 CPU devices (gloo) give the one-device gradient."""
+    import pathlib
+    import re
+    import socket
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "multihost.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), "--process-id", str(i),
+                               "--coordinator", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    theta = {"loc": jnp.array([1.0, -0.5]), "scale": jnp.array([1.0, 2.0])}
+    one = jax.jit(jax.grad(lambda th: sg.expectation(
+        lambda x: jnp.sum(x**2), sg.families.normal(), th, jax.random.key(0),
+        num_samples=100_000)))(theta)
+    for out in outs:
+        line = [ln for ln in out.splitlines() if ln.startswith("process")][-1]
+        nums = [float(v) for v in re.findall(r"-?\d+\.\d+", line.split("grad =")[1].split("(exact")[0])]
+        np.testing.assert_allclose(nums, np.concatenate([one["loc"], one["scale"]]), rtol=1e-4)
