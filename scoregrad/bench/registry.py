@@ -127,6 +127,87 @@ ESTIMATORS: list[EstimatorEntry] = [
         requires=frozenset({"kind:bernoulli"}),
         description="RELAX (Grathwohl et al. 2018), REBAR + MLP control variate learned (stateful)",
     ),
+    EstimatorEntry(
+        name="measure_valued",
+        # specialized: draws_per_unit (1 + 3d f evaluations per unit) depends on theta's shape
+        factory=lambda problem: sg.measure_valued().specialize(problem.family, problem.theta),
+        requires=frozenset({"kind:normal"}),
+        description="measure-valued (weak derivative), coupled Rayleigh/Maxwell parts",
+    ),
+    EstimatorEntry(
+        name="measure_valued[bernoulli]",
+        factory=lambda problem: sg.measure_valued().specialize(problem.family, problem.theta),
+        requires=frozenset({"kind:bernoulli"}),
+        description="measure-valued (weak derivative): f(x with x_j=1) - f(x with x_j=0)",
+    ),
+    EstimatorEntry(
+        name="rloo(4)",
+        factory=lambda problem: sg.rloo(4),
+        description="REINFORCE leave-one-out within groups of 4 draws (RLOO-K)",
+    ),
+    EstimatorEntry(
+        name="enumerate",
+        factory=lambda problem: sg.enumerate().specialize(problem.family, problem.theta),
+        requires=frozenset({"enumerable"}),
+        description="exact sum over the finite support (zero variance reference)",
+    ),
+    EstimatorEntry(
+        name="indecater",
+        factory=lambda problem: sg.indecater().specialize(problem.family, problem.theta),
+        requires=frozenset({"kind:categorical"}),
+        description="IndeCateR (De Smet et al. 2023): each coordinate summed out exactly",
+    ),
+    EstimatorEntry(
+        name="indecater[bernoulli]",
+        factory=lambda problem: sg.indecater().specialize(problem.family, problem.theta),
+        requires=frozenset({"kind:bernoulli"}),
+        description="IndeCateR for Bernoulli latents (K = 2)",
+    ),
+    EstimatorEntry(
+        name="score_function+optimal",
+        factory=lambda problem: sg.score_function(baseline=sg.baselines.optimal()),
+        description="score function with the per-coordinate optimal baseline (cross-fitted)",
+    ),
+    EstimatorEntry(
+        name="score_function+delta_cv",
+        factory=lambda problem: sg.control_variates.with_control_variates(
+            sg.score_function(baseline=sg.baselines.optimal()),
+            sg.control_variates.delta_method(problem.f, order=2)),
+        requires=frozenset({"kind:normal", "differentiable_f"}),
+        description="score function + optimal baseline + 2nd-order delta-method control variate",
+    ),
+    EstimatorEntry(
+        name="antithetic[score_function+optimal]",
+        factory=lambda problem: sg.sampling.antithetic(
+            sg.score_function(baseline=sg.baselines.optimal())),
+        requires=frozenset({"kind:normal"}),
+        description="antithetic pairs (eps, -eps) with the optimal baseline",
+    ),
+    EstimatorEntry(
+        name="antithetic[score_function+optimal][bernoulli]",
+        factory=lambda problem: sg.sampling.antithetic(
+            sg.score_function(baseline=sg.baselines.optimal())),
+        requires=frozenset({"kind:bernoulli"}),
+        description="antithetic uniforms (u, 1 - u) with the optimal baseline",
+    ),
+    EstimatorEntry(
+        name="antithetic[pathwise]",
+        factory=lambda problem: sg.sampling.antithetic(sg.pathwise()),
+        requires=frozenset({"kind:normal", "differentiable_f"}),
+        description="pathwise with antithetic pairs (eps, -eps)",
+    ),
+    EstimatorEntry(
+        name="qmc64[pathwise]",
+        factory=lambda problem: sg.sampling.qmc(sg.pathwise(), block_size=64),
+        requires=frozenset({"kind:normal", "differentiable_f"}),
+        description="pathwise over randomized (scrambled Halton) QMC blocks of 64 points",
+    ),
+    EstimatorEntry(
+        name="qmc64[score_function]",
+        factory=lambda problem: sg.sampling.qmc(sg.score_function(), block_size=64),
+        requires=frozenset({"kind:normal"}),
+        description="score function over randomized (scrambled Halton) QMC blocks of 64 points",
+    ),
     # ^ add new EstimatorEntry(...) items above this line (one entry per estimator).
 ]
 
