@@ -1,5 +1,23 @@
 """Baselines for the score-function estimator."""
 
-from scoregrad._src.baselines import MovingAverageState, leave_one_out, moving_average, none
+from scoregrad._src.baselines import (
+    LearnedState,
+    MovingAverageState,
+    batch_mean,
+    learned,
+    leave_one_out,
+    moving_average,
+    none,
+    optimal,
+)
 
-__all__ = ["MovingAverageState", "leave_one_out", "moving_average", "none"]
+__all__ = [
+    "LearnedState",
+    "MovingAverageState",
+    "batch_mean",
+    "learned",
+    "leave_one_out",
+    "moving_average",
+    "none",
+    "optimal",
+]
