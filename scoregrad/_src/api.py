@@ -70,6 +70,17 @@ def _traced_struct(fn: Callable, args, what: str, fix: str):
         raise TypeError(f"{what} failed while tracing: {type(err).__name__}: {err}. {fix}") from err
 
 
+def _draw_struct(family, theta):
+    """The form of one draw of ``family`` (None if its sampler cannot be traced here)."""
+    try:
+        return jax.eval_shape(family.sample, theta, jax.random.key(0))
+    except Exception:  # noqa: BLE001 - a sampler that wants a legacy key, or none usable
+        try:
+            return jax.eval_shape(family.sample, theta, jax.random.PRNGKey(0))
+        except Exception:  # noqa: BLE001
+            return None
+
+
 def _check_common(f, family, estimator, where):
     validation.check_callable(f, "f", where)
     if not isinstance(family, Family):
@@ -110,6 +121,7 @@ def _prepare(
         minimum=est.min_units * est.draws_per_unit,
         multiple_of=est.draws_per_unit,
         who=est.name,
+        name="num_samples" if samples is None else "samples",
     )
     chunk = validation.check_chunk_size(chunk_size)
     theta_treedef = jax.tree_util.tree_structure(theta)
@@ -134,6 +146,9 @@ def _prepare(
                 "couples several draws per unit) and cannot use given samples; call "
                 "sg.estimate_grad with a key."
             )
+        draw = _draw_struct(family, theta)
+        if draw is not None:
+            validation.check_samples(samples, draw)
         x_struct = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), samples)
         sample_c, sample_consts = family.sample, []
     lp_struct = _traced_struct(family.log_prob, (theta, x_struct), "family.log_prob(theta, x)", lp_fix)
@@ -255,6 +270,7 @@ def _learn(prep: _Prepared, state):
 def _init_state(est: Estimator, theta, state):
     if state is None:
         return est.init(theta)
+    validation.check_state(state, est, theta)
     return state
 
 
@@ -357,7 +373,10 @@ def estimate_grad_from_samples(
     """
     leaves = jax.tree_util.tree_leaves(samples)
     if not leaves or any(jnp.ndim(a) < 1 for a in leaves):
-        raise ValueError("`samples` must be a pytree of arrays with a leading axis of draws.")
+        raise ValueError(
+            "`samples` must be a pytree of arrays with a leading axis of draws; got "
+            f"{type(samples).__name__}. Stack the draws, e.g. jnp.stack(draws)."
+        )
     n = int(leaves[0].shape[0])
     if any(a.shape[0] != n for a in leaves):
         raise ValueError(
@@ -519,6 +538,7 @@ def expectation_with_state(
         raise ValueError(
             "expectation_with_state: `state` is None; start from state = estimator.init(theta)."
         )
+    state = _init_state(prep.est, theta, state)
     value, fs = _surrogate(prep, state)
     new_state = jax.lax.stop_gradient(_learn(prep, prep.est.update(state, fs)))
     return value, new_state

@@ -37,10 +37,10 @@ class Model(NamedTuple):
     legacy_key: bool
 
     def eval_f(self, params: Params, x: PyTree) -> jax.Array:
-        return self.f(x, *params.f)
+        return jnp.asarray(self.f(x, *params.f))  # a Python float from a constant f
 
     def eval_log_prob(self, params: Params, x: PyTree) -> jax.Array:
-        return self.log_prob(params.theta, x, *params.log_prob)
+        return jnp.asarray(self.log_prob(params.theta, x, *params.log_prob))
 
     def draw(self, params: Params, key: jax.Array) -> PyTree:
         """One draw from p(x; theta) for a typed key, handing the user the key kind they passed."""

@@ -13,7 +13,12 @@ from scoregrad._src.family import Family
 
 
 def _float_array(value, name: str, family: str):
-    if not hasattr(value, "dtype") and not isinstance(value, (float, int, list, tuple)):
+    if isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{family}: {name} must be an array, not a {type(value).__name__} (a pytree of "
+            "separate parameters); convert it with jnp.asarray(...)."
+        )
+    if not hasattr(value, "dtype") and not isinstance(value, (float, int)):
         raise TypeError(f"{family}: {name} must be an array; got {type(value).__name__}.")
     dtype = jnp.result_type(value)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -80,7 +85,7 @@ def normal() -> Family:
 
 
 def _check_logits(theta, who, min_ndim=0):
-    if not hasattr(theta, "dtype") and not isinstance(theta, (float, list, tuple)):
+    if not hasattr(theta, "dtype") and not isinstance(theta, (float, list, tuple)):  # lists: below
         raise TypeError(
             f"families.{who}(): theta must be an array of logits; got {type(theta).__name__}."
         )

@@ -18,8 +18,19 @@ def check_callable(obj: Any, name: str, where: str) -> None:
         )
 
 
-def check_num_samples(num_samples: Any, *, minimum: int = 1, multiple_of: int = 1, who: str = "") -> int:
-    """num_samples must be a static Python int >= minimum, divisible by ``multiple_of``."""
+# Unit i draws from fold_in(key, i) with a 32-bit index (and the engine counts chunk offsets in
+# int32): more units would overflow and repeat draws silently.
+MAX_UNITS = 2**31 - 1
+
+
+def check_num_samples(
+    num_samples: Any, *, minimum: int = 1, multiple_of: int = 1, who: str = "",
+    name: str = "num_samples",
+) -> int:
+    """num_samples must be a static Python int >= minimum, divisible by ``multiple_of``.
+
+    ``name`` is the argument the count came from (``"samples"`` for given draws).
+    """
     if isinstance(num_samples, jax.core.Tracer):
         raise TypeError(
             "`num_samples` is traced, but it fixes array shapes and must be a static Python int. "
@@ -34,8 +45,19 @@ def check_num_samples(num_samples: Any, *, minimum: int = 1, multiple_of: int = 
     n = operator.index(num_samples)
     if n < minimum:
         extra = f" by {who}" if who else ""
+        if name == "num_samples":
+            raise ValueError(
+                f"`num_samples` must be at least {minimum}{extra}; got {n}. Increase num_samples."
+            )
         raise ValueError(
-            f"`num_samples` must be at least {minimum}{extra}; got {n}. Increase num_samples."
+            f"`{name}` must hold at least {minimum} draws (leading axis) to be used{extra}; got "
+            f"{n}. Pass more draws."
+        )
+    if n > MAX_UNITS * multiple_of:
+        raise ValueError(
+            f"`num_samples`={n} exceeds {MAX_UNITS * multiple_of}: sample i is drawn from "
+            "fold_in(key, i) with a 32-bit index, so more would repeat draws. Average estimates "
+            "from several independent keys instead."
         )
     if n % multiple_of:
         raise ValueError(
@@ -74,6 +96,13 @@ def check_theta(theta: Any) -> None:
     for path, leaf in leaves:
         if callable(leaf) and not hasattr(leaf, "dtype"):
             raise TypeError(f"`{_path(path)}` is a function; theta must hold arrays.")
+        if not hasattr(leaf, "dtype") and (
+            isinstance(leaf, bool) or not isinstance(leaf, (int, float, complex, np.number))
+        ):
+            raise TypeError(
+                f"`{_path(path)}` is a {type(leaf).__name__} ({leaf!r:.40}); theta must be a pytree "
+                "of floating-point arrays, e.g. jnp.asarray(value, jnp.float32)."
+            )
         dtype = jnp.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
@@ -100,6 +129,11 @@ def normalize_key(key: Any) -> jax.Array:
                 "To run over several keys, use jax.vmap."
             )
         return key
+    if key.dtype == jnp.uint32 and key.ndim > 1:
+        raise ValueError(
+            f"`key` must be a single key, got a batch of legacy keys of shape {key.shape}. To run "
+            "over several keys, use jax.vmap."
+        )
     if key.dtype != jnp.uint32 or key.ndim != 1:
         raise TypeError(
             f"`key` must be a PRNG key: a typed key from jax.random.key(seed) or a legacy uint32 "
@@ -108,10 +142,10 @@ def normalize_key(key: Any) -> jax.Array:
         )
     try:
         return jax.random.wrap_key_data(key)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError):
         raise TypeError(
-            f"`key` of shape {key.shape} is not a valid legacy key for the default PRNG "
-            f"implementation: {err}. Use jax.random.key(seed)."
+            f"`key` is a uint32 array of shape {key.shape}, not a legacy key of the default PRNG "
+            "implementation (jax.random.PRNGKey(seed) has shape (2,)). Use jax.random.key(seed)."
         ) from None
 
 
@@ -119,12 +153,21 @@ def is_legacy_key(key: Any) -> bool:
     return hasattr(key, "dtype") and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
 
 
+def _describe(struct: Any) -> str:
+    if struct is None:
+        return "None"
+    n = len(jax.tree_util.tree_leaves(struct))
+    return f"a {type(struct).__name__} with {n} array(s) ({jax.tree_util.tree_structure(struct)})"
+
+
 def check_scalar_float(struct: Any, what: str, fix: str) -> None:
     """``struct`` (from eval_shape) must be a single floating-point scalar."""
     leaves = jax.tree_util.tree_leaves(struct)
-    if len(leaves) != 1 or not hasattr(leaves[0], "shape"):
+    is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(struct))
+    if len(leaves) != 1 or not is_leaf or not hasattr(leaves[0], "shape"):
         raise TypeError(
-            f"{what} must return a single floating-point scalar; got {jax.tree_util.tree_structure(struct)}. {fix}"
+            f"{what} must return a single floating-point scalar array; got {_describe(struct)}. "
+            f"{fix}"
         )
     (leaf,) = leaves
     if leaf.shape != ():
@@ -136,3 +179,84 @@ def check_scalar_float(struct: Any, what: str, fix: str) -> None:
             f"{what} must return a floating-point scalar; got dtype {leaf.dtype}. Cast the result, e.g. "
             f"`.astype(jnp.float32)`."
         )
+
+
+def check_state(state: Any, est: Any, theta: Any) -> None:
+    """``state`` must have the structure of ``est.init(theta)`` (as threaded from earlier calls)."""
+    try:
+        expected = jax.eval_shape(est.init, theta)
+    except (TypeError, ValueError):  # an init that is not traceable: nothing to compare
+        return
+    got, want = jax.tree_util.tree_structure(state), jax.tree_util.tree_structure(expected)
+    if got == want:
+        return
+    if want == jax.tree_util.tree_structure(()):
+        raise TypeError(
+            f"`state`: estimator {est.name} is stateless, but a state of structure {got} was "
+            "passed. Pass state=None (or leave it out)."
+        )
+    raise TypeError(
+        f"`state` has structure {got}, but estimator {est.name} expects {want}. Start from "
+        "state = estimator.init(theta) and pass the state each call returns."
+    )
+
+
+def check_samples(samples: Any, draw_struct: Any) -> None:
+    """Given draws (leading axis N) must match one draw of the family: structure and shape,
+    and floating point where the family samples floating point (and integer where integer)."""
+    got = jax.tree_util.tree_structure(samples)
+    want = jax.tree_util.tree_structure(draw_struct)
+    if got != want:
+        raise TypeError(
+            f"`samples` has structure {got}, but family.sample returns draws of structure {want}; "
+            "stack draws of the family's form along a new leading axis."
+        )
+    pairs = zip(jax.tree_util.tree_leaves(samples), jax.tree_util.tree_leaves(draw_struct))
+    for a, d in pairs:
+        if tuple(a.shape[1:]) != tuple(d.shape):
+            raise ValueError(
+                f"`samples` leaves must have shape (N, *draw_shape) = (N, *{tuple(d.shape)}) as "
+                f"family.sample returns; got {tuple(a.shape)}."
+            )
+        a_float = jnp.issubdtype(a.dtype, jnp.inexact)
+        if a_float != jnp.issubdtype(d.dtype, jnp.inexact):
+            raise TypeError(
+                f"`samples` has dtype {a.dtype}, but family.sample draws dtype {d.dtype}; cast "
+                f"them, e.g. samples.astype(jnp.{jnp.dtype(d.dtype).name})."
+            )
+
+
+def _leaf_struct(a: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+
+
+def depends_differentiably(fn: Any, args: tuple, argnum: int) -> bool | None:
+    """Whether the outputs of ``fn(*args)`` can have a non-zero derivative in ``args[argnum]``.
+
+    Decided structurally: the tangent output of ``jax.jvp`` in that argument is traced to a jaxpr
+    and followed back to the input tangents. A ``stop_gradient``, rounding, comparison or integer
+    cast in between makes the derivative a symbolic zero that JAX never connects to the input
+    tangent. Returns ``None`` when this cannot be decided (an untraceable function).
+    """
+    structs = list(args)
+    structs[argnum] = jax.tree_util.tree_map(_leaf_struct, args[argnum])
+
+    def tangent_out(primal, tangent):
+        def g(a):
+            call = list(args)
+            call[argnum] = a
+            return fn(*call)
+
+        return jax.jvp(g, (primal,), (tangent,))[1]
+
+    try:
+        closed = jax.make_jaxpr(tangent_out)(structs[argnum], structs[argnum])
+    except Exception:  # noqa: BLE001 - any tracing failure means "cannot tell"
+        return None
+    jaxpr = closed.jaxpr
+    n_primal = len(jax.tree_util.tree_leaves(structs[argnum]))
+    live = {id(v) for v in jaxpr.invars[n_primal:]}
+    for eqn in jaxpr.eqns:  # forward propagation; a nested call counts as using all its inputs
+        if any(id(v) in live for v in eqn.invars):
+            live.update(id(v) for v in eqn.outvars)
+    return any(id(v) in live for v in jaxpr.outvars)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from scoregrad._src import validation
 from scoregrad._src.base import Estimator, UnitOut, no_update
 
 
@@ -22,6 +23,16 @@ def _check(model, theta, x_struct):
                 f"pathwise() needs draws that are differentiable in theta, but family "
                 f"{fam.name!r} samples dtype {leaf.dtype}. Use sg.score_function() instead."
             )
+    if fam.reparameterized is None:  # a user sampler: check that draws move with theta
+        key = jax.random.PRNGKey(0) if model.legacy_key else jax.random.key(0)
+        if validation.depends_differentiably(fam.sample, (theta, key), 0) is False:
+            raise TypeError(
+                f"pathwise() needs a sampler differentiable in theta, but the draws of family "
+                f"{fam.name!r} have a zero derivative in theta (a stop_gradient, comparison, "
+                "rounding or integer cast in `sample`). Write the sampler as a differentiable "
+                "transform of parameter-free noise (e.g. loc + scale * eps), or use "
+                "sg.score_function()."
+            )
 
 
 def pathwise() -> Estimator:
@@ -35,7 +46,8 @@ def pathwise() -> Estimator:
       noise and f is differentiable (almost everywhere, and Lipschitz).
     * **Needs from f**: differentiable in x. A step function gives a zero (wrong) gradient.
     * **Needs from the family**: a sampler differentiable in theta (``loc + scale * eps``); a
-      family with ``reparameterized=False`` or integer draws raises ``TypeError``.
+      family with ``reparameterized=False``, integer draws, or (for a user family) a sampler
+      whose draws have a structurally zero derivative in theta raises ``TypeError``.
     * **Derivative order**: all orders (``jax.hessian`` differentiates through the sampler).
 
     Examples:
