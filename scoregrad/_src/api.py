@@ -403,9 +403,12 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
     """Value = mean f, gradient (any order) = the estimator, via a custom JVP over the engine."""
     est = prep.est
     impl = jax.random.key_impl(prep.key)
-    run = lambda p, kd, st, mode: _run(  # noqa: E731
-        prep, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl)
-    )
+    def run(p, kd, st, mode):
+        out = _run(prep, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl))
+        # The check sits on the pass's own statistics (not on the custom-JVP output), so
+        # nested differentiation does not keep extra passes alive for it.
+        _apply_nan_policy(prep, out.fstats, "expectation")
+        return out
 
     @jax.custom_jvp
     def core(params, key_data, st):
@@ -438,7 +441,6 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
 
     value, fsf = core(prep.params, jax.random.key_data(prep.key), state)
     fs = fsf._replace(nonfinite=jax.lax.stop_gradient(fsf.nonfinite).astype(jnp.int32))
-    _apply_nan_policy(prep, fs, "expectation")
     return value, jax.lax.stop_gradient(fs)
 
 
