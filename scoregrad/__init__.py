@@ -1,6 +1,7 @@
 """scoregrad: Monte Carlo gradient estimation in JAX."""
 
-from scoregrad import baselines, families
+from scoregrad import baselines, control_variates, families, importance, sampling
+from scoregrad._src.adaptive import AdaptiveEstimate, estimate_grad_adaptive
 from scoregrad._src.api import (
     GradEstimate,
     estimate_grad,
@@ -8,28 +9,63 @@ from scoregrad._src.api import (
     expectation,
     expectation_with_state,
 )
+from scoregrad._src.auto import AutoReport, auto
 from scoregrad._src.base import Baseline, Estimator, FStats, UnitOut, magic_box
+from scoregrad._src.diagnostics import Diagnostics, diagnostics, timed_estimate
+from scoregrad._src.estimators.arm import arm, disarm
+from scoregrad._src.estimators.exact import enumerate, indecater
+from scoregrad._src.estimators.measure_valued import measure_valued
+from scoregrad._src.estimators.multisample import rloo, vimco
 from scoregrad._src.estimators.pathwise import pathwise
+from scoregrad._src.estimators.rebar_relax import RelaxState, rebar, relax
+from scoregrad._src.estimators.relaxed import (
+    gumbel_softmax,
+    straight_through,
+    straight_through_gumbel,
+)
 from scoregrad._src.estimators.score import score_function
 from scoregrad._src.family import Family
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveEstimate",
+    "AutoReport",
     "Baseline",
+    "Diagnostics",
     "Estimator",
     "FStats",
     "Family",
     "GradEstimate",
+    "RelaxState",
     "UnitOut",
     "__version__",
+    "arm",
+    "auto",
     "baselines",
+    "control_variates",
+    "diagnostics",
+    "disarm",
+    "enumerate",
     "estimate_grad",
+    "estimate_grad_adaptive",
     "estimate_grad_from_samples",
     "expectation",
     "expectation_with_state",
     "families",
+    "gumbel_softmax",
+    "importance",
+    "indecater",
     "magic_box",
+    "measure_valued",
     "pathwise",
+    "rebar",
+    "relax",
+    "rloo",
+    "sampling",
     "score_function",
+    "straight_through",
+    "straight_through_gumbel",
+    "timed_estimate",
+    "vimco",
 ]
