@@ -75,7 +75,7 @@ def _nan_f(x):
 
 
 def test_nan_policy_raise_is_default_eager_and_jit():
-    with pytest.raises(FloatingPointError, match="nan_policy"):
+    with pytest.raises(Exception, match="nan_policy"):
         sg.estimate_grad(_nan_f, sg.families.normal(), THETA, jax.random.key(0), num_samples=500)
     grad_fn = jax.jit(jax.grad(lambda th: sg.expectation(
         _nan_f, sg.families.normal(), th, jax.random.key(0), num_samples=500)))

@@ -190,11 +190,31 @@ def _raise_if_nonfinite(count, where: str):
         )
 
 
-def _apply_nan_policy(prep: _Prepared, fs: FStats, where: str) -> None:
-    if prep.nan_policy == "raise":
-        jax.debug.callback(
-            lambda c: _raise_if_nonfinite(int(np.max(c)), where), fs.nonfinite
-        )
+def _apply_nan_policy(prep: _Prepared, fs: FStats, where: str) -> FStats:
+    """With nan_policy="raise", routes the non-finite count through a host check.
+
+    ``pure_callback`` with ``vmap_method="broadcast_all"`` is called once per batch under
+    ``vmap`` (``jax.debug.callback`` would be unrolled per batch element); its result replaces
+    the count, and :func:`_guard` ties outputs to it so the check is never dead code.
+    """
+    if prep.nan_policy != "raise":
+        return fs
+
+    def check(c):
+        c = np.asarray(c)
+        _raise_if_nonfinite(int(c.max()) if c.size else 0, where)
+        return c
+
+    checked = jax.pure_callback(
+        check, jax.ShapeDtypeStruct(fs.nonfinite.shape, fs.nonfinite.dtype), fs.nonfinite,
+        vmap_method="broadcast_all",
+    )
+    return fs._replace(nonfinite=checked)
+
+
+def _guard(x, fs: FStats):
+    """``x`` times 1, made data-dependent on the checked non-finite count."""
+    return x * jnp.where(fs.nonfinite >= 0, 1, jnp.nan).astype(x.dtype)
 
 
 def _run(prep: _Prepared, params, state, mode, key=None, samples=None) -> engine.EngineOut:
@@ -232,7 +252,7 @@ def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
         wc = w.astype(c.dtype)
         return per_unit(jnp.einsum("k,l,kl...->...", wc, wc, c))
 
-    grad = jax.tree_util.tree_map(leaf_grad, mom.mean)
+    grad = jax.tree_util.tree_map(lambda m: _guard(leaf_grad(m), fs), mom.mean)
     var = jax.tree_util.tree_map(leaf_var, mom.comoment)
     stderr = jax.tree_util.tree_map(lambda v: jnp.sqrt(v / n.astype(v.dtype)), var)
     snr = jax.tree_util.tree_map(lambda g, s: jnp.abs(g) / s, grad, stderr)
@@ -306,8 +326,9 @@ def estimate_grad(
         ``None`` initializes it. The updated state is returned in the result.
       chunk_size: units per chunk; ``None`` picks a cache-sized chunk from the problem size.
       nan_policy: what to do when f (or a surrogate term) is NaN or infinite for some draws:
-        ``"raise"`` (default) raises ``FloatingPointError`` when the result is computed (also
-        under jit, through ``jax.debug.callback``), so a NaN never reaches an optimizer silently;
+        ``"raise"`` (default) raises when the result is computed, eagerly and under jit/vmap (a
+        host check through ``jax.pure_callback``; the error, a ``JaxRuntimeError``, carries the
+        ``FloatingPointError`` message), so a NaN never reaches an optimizer silently;
         ``"drop"`` leaves those units out of every statistic and counts them in
         ``num_nonfinite`` (the estimate is then over the finite draws: biased if non-finite
         values are not a null event); ``"propagate"`` keeps them (the gradient becomes
@@ -340,7 +361,7 @@ def estimate_grad(
     if fitted.routed(prep.est):
         return _routed(prep, state)
     out = _run(prep, prep.params, state, "diag", key=prep.key)
-    _apply_nan_policy(prep, out.fstats, "estimate_grad")
+    out = out._replace(fstats=_apply_nan_policy(prep, out.fstats, "estimate_grad"))
     res = _finish(prep, out, state)
     return res._replace(state=_learn(prep, res.state))
 
@@ -391,7 +412,9 @@ def estimate_grad_from_samples(
     if fitted.routed(prep.est):
         return _routed(prep, state, samples)
     out = _run(prep, prep.params, state, "diag", samples=samples)
-    _apply_nan_policy(prep, out.fstats, "estimate_grad_from_samples")
+    out = out._replace(
+        fstats=_apply_nan_policy(prep, out.fstats, "estimate_grad_from_samples")
+    )
     return _finish(prep, out, state)
 
 
@@ -407,13 +430,12 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
         out = _run(prep, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl))
         # The check sits on the pass's own statistics (not on the custom-JVP output), so
         # nested differentiation does not keep extra passes alive for it.
-        _apply_nan_policy(prep, out.fstats, "expectation")
-        return out
+        return out._replace(fstats=_apply_nan_policy(prep, out.fstats, "expectation"))
 
     @jax.custom_jvp
     def core(params, key_data, st):
         fs = run(params, key_data, st, "value").fstats
-        return fs.mean, _fstats_float(fs)
+        return _guard(fs.mean, fs), _fstats_float(fs)
 
     @core.defjvp
     def core_jvp(primals, tangents):
@@ -435,9 +457,9 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
             jnp.vdot(g, dp).astype(fs.mean.dtype)
             for g, dp in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(dparams))
         ]
-        tangent = sum(dots, jnp.zeros((), fs.mean.dtype))
+        tangent = _guard(sum(dots, jnp.zeros((), fs.mean.dtype)), fs)
         fsf = _fstats_float(fs)
-        return (fs.mean, fsf), (tangent, jax.tree_util.tree_map(jnp.zeros_like, fsf))
+        return (_guard(fs.mean, fs), fsf), (tangent, jax.tree_util.tree_map(jnp.zeros_like, fsf))
 
     value, fsf = core(prep.params, jax.random.key_data(prep.key), state)
     fs = fsf._replace(nonfinite=jax.lax.stop_gradient(fsf.nonfinite).astype(jnp.int32))
