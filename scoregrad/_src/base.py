@@ -177,3 +177,19 @@ def magic_box(log_prob: jax.Array) -> jax.Array:
 def no_update(state: State, fstats: FStats) -> State:
     del fstats
     return state
+
+
+def _unit_weight(fstats: FStats, state, num_units) -> jax.Array:
+    del state, num_units
+    return jnp.ones((1,), fstats.mean.dtype)
+
+
+def single_term(name: str, unit: Callable[..., UnitOut], **fields) -> Estimator:
+    """A stateless one-term estimator that draws its own samples (the common case).
+
+    ``fields`` override any other :class:`Estimator` field (``draws_per_unit``, ``check``, ...).
+    """
+    base = dict(init=lambda theta: (), weights=_unit_weight, update=no_update, num_terms=1,
+                min_units=1, needs_key=True, stateful=False)
+    base.update(fields)
+    return Estimator(name=name, unit=unit, **base)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src.base import Estimator, UnitOut, no_update
+from scoregrad._src.base import Estimator, UnitOut, single_term
 from scoregrad._src.estimators.relaxed import family_kind
 
 sg_ = jax.lax.stop_gradient
@@ -89,17 +89,10 @@ def _make(name: str, gradient) -> Estimator:
         term = 0.5 * (f_b + f_bt) + jnp.sum(g * (th - logits)).astype(f_b.dtype)
         return UnitOut(term[None], sg_(jnp.stack([f_b, f_bt])))
 
-    return Estimator(
-        name=name,
-        init=lambda theta: (),
-        unit=unit,
-        weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
-        update=no_update,
-        num_terms=1,
+    return single_term(
+        name,
+        unit,
         draws_per_unit=2,
-        min_units=1,
-        needs_key=True,
-        stateful=False,
         check=_check(f"{name}()"),
     )
 

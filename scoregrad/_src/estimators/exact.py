@@ -8,21 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src.base import Estimator, UnitOut, no_update
+from scoregrad._src.base import Estimator, UnitOut, single_term
 
 
 def _estimator(name, unit, draws_per_unit, specialize) -> Estimator:
-    return Estimator(
-        name=name,
-        init=lambda theta: (),
-        unit=unit,
-        weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
-        update=no_update,
-        num_terms=1,
+    return single_term(
+        name,
+        unit,
         draws_per_unit=draws_per_unit,
-        min_units=1,
-        needs_key=True,
-        stateful=False,
         specialize=specialize,
     )
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import weak_derivative as wd
-from scoregrad._src.base import Estimator, UnitOut, no_update
+from scoregrad._src.base import Estimator, UnitOut, single_term
 
 _SUPPORTED = "normal (loc, scale), bernoulli, poisson, exponential, gamma (rate)"
 
@@ -115,16 +115,9 @@ def _build(draws_per_unit: int, decomposition) -> Estimator:
         fn = decomposition_of(family)
         return _build(draws_per_unit=_cost(fn, family, theta), decomposition=fn)
 
-    return Estimator(
-        name="measure_valued",
-        init=lambda theta: (),
-        unit=unit,
-        weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
-        update=no_update,
-        num_terms=1,
+    return single_term(
+        "measure_valued",
+        unit,
         draws_per_unit=draws_per_unit,
-        min_units=1,
-        needs_key=True,
-        stateful=False,
         specialize=specialize,
     )

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src.base import Estimator, UnitOut, magic_box, no_update
+from scoregrad._src.base import Estimator, UnitOut, magic_box, single_term
 
 
 def _check_k(k, name: str, arg: str) -> int:
@@ -44,17 +44,10 @@ def _group_eval(model, params, xs):
 
 
 def _estimator(name, unit, k) -> Estimator:
-    return Estimator(
-        name=name,
-        init=lambda theta: (),
-        unit=unit,
-        weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
-        update=no_update,
-        num_terms=1,
+    return single_term(
+        name,
+        unit,
         draws_per_unit=k,
-        min_units=1,
-        needs_key=True,
-        stateful=False,
     )
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import validation
-from scoregrad._src.base import Estimator, UnitOut, no_update
+from scoregrad._src.base import Estimator, UnitOut, single_term
 
 
 def _check(model, theta, x_struct):
@@ -75,16 +75,9 @@ def pathwise() -> Estimator:
         f = model.eval_f(params, x)
         return UnitOut(f[None], jax.lax.stop_gradient(f)[None])
 
-    return Estimator(
-        name="pathwise",
-        init=lambda theta: (),
-        unit=unit,
-        weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
-        update=no_update,
-        num_terms=1,
+    return single_term(
+        "pathwise",
+        unit,
         draws_per_unit=1,
-        min_units=1,
-        needs_key=True,
-        stateful=False,
         check=_check,
     )

@@ -34,7 +34,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src.base import Estimator, UnitOut, no_update
+from scoregrad._src.base import Estimator, UnitOut, single_term
 from scoregrad._src.family import Family
 
 KINDS = ("bernoulli", "categorical")
@@ -221,17 +221,11 @@ def relaxed_categorical(temperature: float) -> Family:
 
 
 def _estimator(name, unit, check, needs_key) -> Estimator:
-    return Estimator(
-        name=name,
-        init=lambda theta: (),
-        unit=unit,
-        weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
-        update=no_update,
-        num_terms=1,
+    return single_term(
+        name,
+        unit,
         draws_per_unit=1,
-        min_units=1,
         needs_key=needs_key,
-        stateful=False,
         check=check,
         f_input=f_input,
     )
