@@ -174,7 +174,7 @@ def _prepare(
     params = Params(theta, tuple(f_consts), tuple(lp_consts), tuple(sample_consts))
     num_units = n // est.draws_per_unit
     if chunk is None:
-        chunk = engine.auto_chunk_size(num_units, engine.elements_per_unit(x_struct, theta, est))
+        chunk = engine.auto_chunk_size(num_units, *engine.elements_per_unit(x_struct, theta, est))
     dtype = jax.tree_util.tree_leaves(f_struct)[0].dtype
     return _Prepared(
         model, est, params, typed_key, num_units, min(chunk, num_units), dtype, nan_policy, devices

@@ -88,6 +88,7 @@ def score_function(baseline: Optional[Baseline] = None) -> Estimator:
         stateful=baseline.stateful,
         check=None,
         fitted=tuple(1 + i for i in baseline.fitted),
+        presample=True,
     )
 
 
