@@ -140,6 +140,27 @@ def test_summarize_flags_bias_and_checks_stderr():
     assert bad["biased"] and bad["bias_z_max"] > 5
 
 
+def test_zero_variance_cell_is_not_flagged_for_rounding():
+    exact = np.array([0.0125])
+    g = np.full((100, 1), 0.0125 + 3e-9)  # DisARM at phi = 0: every estimate equal, up to rounding
+    s = np.zeros((100, 1))
+    flat = runner.summarize(g, s, exact, 1e-3)
+    assert not flat["biased"]
+    # ... and the allowance is ulps, not a blanket: a real offset of 1e-4 is still flagged.
+    assert runner.summarize(g + 1e-4, s, exact, 1e-3)["biased"]
+
+
+def test_categorical_relaxations_apply_and_are_measured():
+    p = problems.get_problem("categorical_k10")
+    names = [e.name for e in registry.applicable(p)]
+    assert {"gumbel_softmax(0.5)", "straight_through", "straight_through_gumbel(0.5)"} <= set(names)
+    # f on a one-hot draw is f on its index, so the relaxation's f extends the exact one.
+    for k in (0, 3, 9):
+        assert float(p.f(jnp.eye(10)[k])) == pytest.approx(float(p.f(jnp.asarray(k))))
+    cell = runner.run_cell(p, registry.get_estimator("gumbel_softmax(0.5)"), 64, 8, jnp.float32)
+    assert cell["status"] == "ok" and cell["variance"] > 0
+
+
 def test_rank_within_problem_and_budget():
     cells = [{"problem": "p", "num_samples": 8, "status": "ok", "work_normalized_variance": v}
              for v in (3.0, 1.0, 2.0)]

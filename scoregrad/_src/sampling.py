@@ -159,6 +159,7 @@ def _coupled(inner, name, per_unit, noise, transform, dim):
         draws_per_unit=per_unit,
         min_units=max(inner.min_units, 1),
         needs_key=True,
+        presample=False,  # the unit draws its own coupled noise from the key
     )
 
 

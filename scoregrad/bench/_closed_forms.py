@@ -23,6 +23,9 @@ class Spec(NamedTuple):
     value: float
     grad: PyTree
     differentiable_f: bool
+    #: f also accepts the relaxed draw (a float in [0, 1] for Bernoulli; a point of the simplex,
+    #: one-hot for an exact draw, for categorical) and is differentiable in it.
+    relaxable: bool = False
 
 
 def _norm_pdf(z: float) -> float:
@@ -77,7 +80,7 @@ def bernoulli_toy(t: float) -> Spec:
     p = 1.0 / (1.0 + np.exp(-phi))
     value = np.sum(p * (1 - t) ** 2 + (1 - p) * t**2)
     grad = p * (1 - p) * ((1 - t) ** 2 - t**2)
-    return Spec(_fam.bernoulli(), phi, lambda b: jnp.sum((b - t) ** 2), value, grad, False)
+    return Spec(_fam.bernoulli(), phi, lambda b: jnp.sum((b - t) ** 2), value, grad, False, True)
 
 
 def categorical_toy(k: int, t: float) -> Spec:
@@ -89,10 +92,14 @@ def categorical_toy(k: int, t: float) -> Spec:
     value = float(p @ fk)
 
     def f(x):
-        xf = jnp.asarray(x).astype(jnp.result_type(float))  # the default float dtype (x64-aware)
+        x = jnp.asarray(x)
+        if x.ndim == 1:  # a one-hot or relaxed draw on the simplex: its (soft) category index
+            xf = x @ jnp.arange(k, dtype=x.dtype)
+        else:  # the category index itself, in the default float dtype (x64-aware)
+            xf = x.astype(jnp.result_type(float))
         return jnp.sum((xf / (k - 1) - t) ** 2)
 
-    return Spec(_fam.categorical(), logits, f, value, p * (fk - value), False)
+    return Spec(_fam.categorical(), logits, f, value, p * (fk - value), False, True)
 
 
 def _bs_family(rate: float, maturity: float) -> Family:

@@ -11,7 +11,8 @@ Problems (``problem_names()``):
   summed over the coordinates of a diagonal normal (Mohamed et al. 2020, §3).
 * ``bernoulli_t0.45``, ``bernoulli_t0.499``: :math:`E_{b\\sim Bern(\\sigma(\\phi))}[(b-t)^2]`
   (Tucker et al. 2017; Yin and Zhou 2019), a tiny gradient :math:`\\sigma'(\\phi)(1-2t)`.
-* ``categorical_k10``: :math:`E_{x \\sim Cat(softmax(\\theta))}[(x/9 - 0.45)^2]`.
+* ``categorical_k10``: :math:`E_{x \\sim Cat(softmax(\\theta))}[(x/9 - 0.45)^2]`; f also takes a
+  one-hot or relaxed draw y (as :math:`x = \\sum_k k\\,y_k`), so relaxations apply.
 * ``bs_call``, ``bs_digital``: Black–Scholes delta and vega of a call and of a cash-or-nothing
   digital (pathwise fails on the digital: its payoff has a zero derivative almost everywhere).
 * ``blr_elbo``: the ELBO gradient of conjugate Bayesian linear regression under a diagonal
@@ -22,7 +23,7 @@ Examples:
   >>> from scoregrad.bench import problems
   >>> p = problems.get_problem("bernoulli_t0.499")
   >>> round(float(p.exact_grad[0]), 6), sorted(p.capabilities)
-  (0.0005, ['discrete', 'enumerable', 'kind:bernoulli'])
+  (0.0005, ['discrete', 'enumerable', 'kind:bernoulli', 'relaxable'])
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ PyTree = Any
 
 CAPABILITIES = frozenset({
     "continuous", "discrete", "reparameterizable", "differentiable_f", "enumerable",
-    "kind:normal", "kind:bernoulli", "kind:categorical",
+    "kind:normal", "kind:bernoulli", "kind:categorical", "relaxable",
 })
 
 
@@ -71,8 +72,8 @@ class Problem(NamedTuple):
     description: str
 
 
-def _family_caps(family: Family, differentiable_f: bool) -> frozenset:
-    caps = set()
+def _family_caps(family: Family, differentiable_f: bool, relaxable: bool = False) -> frozenset:
+    caps = {"relaxable"} if relaxable else set()
     meta = family.capabilities or {}
     kind = meta.get("kind") if hasattr(meta, "get") else None
     if kind in ("normal", "bernoulli", "categorical"):
@@ -90,7 +91,7 @@ def _family_caps(family: Family, differentiable_f: bool) -> frozenset:
 
 
 def _make(spec: cf.Spec, name: str, group: str, description: str) -> Problem:
-    caps = _family_caps(spec.family, spec.differentiable_f)
+    caps = _family_caps(spec.family, spec.differentiable_f, spec.relaxable)
     return Problem(
         name, spec.family, spec.theta, spec.f, float(spec.value), spec.grad, caps, group,
         description,

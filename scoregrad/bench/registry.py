@@ -18,7 +18,9 @@ ignore it. An entry applies to a problem when every capability in ``requires`` i
 ``"reparameterizable"`` (the family's sampler is differentiable in theta),
 ``"differentiable_f"`` (f is differentiable in x with an informative derivative),
 ``"enumerable"`` (small finite support: ``family.capabilities["support"]``), and the built-in
-family kind, ``"kind:normal"``, ``"kind:bernoulli"``, ``"kind:categorical"``.
+family kind, ``"kind:normal"``, ``"kind:bernoulli"``, ``"kind:categorical"``; ``"relaxable"``:
+f also accepts the relaxed draw (Bernoulli: a float in [0, 1]; categorical: a point of the
+simplex, one-hot for an exact draw) and is differentiable in it.
 
 Stateful estimators (``Estimator.stateful``) are warmed up on ``warmup_batches`` batches (their
 state threaded through :func:`scoregrad.estimate_grad`) before they are measured; every replicate
@@ -100,19 +102,19 @@ ESTIMATORS: list[EstimatorEntry] = [
     EstimatorEntry(
         name="gumbel_softmax(0.5)",
         factory=lambda problem: sg.gumbel_softmax(0.5),
-        requires=frozenset({"kind:bernoulli"}),
+        requires=frozenset({"relaxable"}),
         description="Concrete / Gumbel-softmax relaxation, temperature 0.5 (biased)",
     ),
     EstimatorEntry(
         name="straight_through",
         factory=lambda problem: sg.straight_through(),
-        requires=frozenset({"kind:bernoulli"}),
+        requires=frozenset({"relaxable"}),
         description="straight-through: hard draw forward, probabilities' gradient back (biased)",
     ),
     EstimatorEntry(
         name="straight_through_gumbel(0.5)",
         factory=lambda problem: sg.straight_through_gumbel(0.5),
-        requires=frozenset({"kind:bernoulli"}),
+        requires=frozenset({"relaxable"}),
         description="straight-through Gumbel-softmax, temperature 0.5 (biased)",
     ),
     EstimatorEntry(
