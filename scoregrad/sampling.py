@@ -5,8 +5,9 @@ from scoregrad._src.sampling import (
     builtin_transform,
     finite_difference,
     halton,
+    open_uniform,
     qmc,
     stratified,
 )
 
-__all__ = ["antithetic", "builtin_transform", "finite_difference", "halton", "qmc", "stratified"]
+__all__ = ["antithetic", "builtin_transform", "finite_difference", "halton", "open_uniform", "qmc", "stratified"]

@@ -113,3 +113,18 @@ def test_finite_difference_common_random_numbers(x64):
     assert_power(_flat(fine.stderr), 0.05, what="finite difference")
     # With common random numbers the variance stays bounded as the step shrinks.
     np.testing.assert_allclose(_flat(fine.stderr), _flat(coarse.stderr), rtol=0.05)
+
+
+def test_open_uniform_never_reaches_0_or_1_and_antithetic_partner_is_finite(x64):
+    for dtype in (jnp.float32, jnp.float64):
+        u = sg.sampling.open_uniform(jax.random.key(3), (1_000_000,), dtype)
+        assert u.dtype == dtype and float(u.min()) > 0 and float(u.max()) < 1
+        assert bool(jnp.all(jnp.isfinite(jax.scipy.special.ndtri(1.0 - u))))
+        se = float(jnp.std(u)) / 1000.0
+        assert abs(float(jnp.mean(u)) - 0.5) < 5 * se
+    # The grid's end points map to finite normal quantiles in float32.
+    m = jnp.finfo(jnp.float32).nmant
+    ends = jnp.asarray([0.5 * 2.0**-m, 1.0 - 0.5 * 2.0**-m], jnp.float32)
+    assert bool(jnp.all(jnp.isfinite(jax.scipy.special.ndtri(ends))))
+    assert bool(jnp.all(jnp.isfinite(jax.scipy.special.ndtri(1.0 - ends))))
+

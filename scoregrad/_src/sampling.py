@@ -79,6 +79,26 @@ def halton(key: jax.Array, index: jax.Array, dim: int, dtype=jnp.float32) -> jax
     return jnp.stack(cols, axis=-1)
 
 
+def open_uniform(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """Uniform noise on the midpoints ``(k + 1/2) / 2^m`` of a ``2^m`` grid (m = mantissa bits).
+
+    Never 0 or 1, and symmetric: ``1 - u`` is exactly another grid point, so an inverse CDF
+    (``ndtri``) of ``u`` or ``1 - u`` is always finite. ``jax.random.uniform`` can return 0, and
+    ``1 - tiny`` rounds to 1 in float32: once in ~8e6 draws an antithetic partner was infinite.
+    """
+    m = jnp.finfo(dtype).nmant
+    width = 64 if m > 31 else 32
+    bits = jax.random.bits(key, shape, jnp.uint64 if width == 64 else jnp.uint32)
+    k = jax.lax.shift_right_logical(bits, jnp.asarray(width - m, bits.dtype))
+    return (k.astype(dtype) + 0.5) * (2.0**-m)
+
+
+def _clip_open(u: jax.Array) -> jax.Array:
+    """``u`` clipped to the open interval ``[2^-(m+1), 1 - 2^-(m+1)]`` (rounding can reach 1)."""
+    lo = 2.0 ** -(jnp.finfo(u.dtype).nmant + 1)
+    return jnp.clip(u, lo, 1.0 - lo)
+
+
 def _kind(family) -> Any:
     caps = family.capabilities
     return caps.get("kind") if caps is not None else None
@@ -188,7 +208,7 @@ def antithetic(estimator: Estimator | None = None, *, transform=None, dim=None) 
     """
 
     def noise(key, size, dtype):
-        u = jax.random.uniform(key, (size,), dtype, minval=jnp.finfo(dtype).tiny)
+        u = open_uniform(key, (size,), dtype)
         return jnp.stack([u, 1.0 - u])
 
     return _coupled(estimator, "antithetic", 2, noise, transform, dim)
@@ -223,8 +243,8 @@ def stratified(estimator: Estimator | None = None, *, num_strata: int = 8, trans
     def noise(key, size, dtype):
         k1, k2 = jax.random.split(key)
         perm = jax.vmap(lambda k: jax.random.permutation(k, num_strata))(jax.random.split(k1, size))
-        u = jax.random.uniform(k2, (num_strata, size), dtype, minval=jnp.finfo(dtype).tiny)
-        return (perm.T.astype(dtype) + u) / num_strata
+        u = open_uniform(k2, (num_strata, size), dtype)
+        return _clip_open((perm.T.astype(dtype) + u) / num_strata)
 
     return _coupled(estimator, f"stratified{num_strata}", num_strata, noise, transform, dim)
 
