@@ -99,6 +99,7 @@ def test_finance_bad_arguments():
 # ---------------------------------------------------------------- reinforcement learning
 
 
+@pytest.mark.slow  # measured 20-30 s per case on 2 cores
 @pytest.mark.parametrize("baseline", [None, "leave_one_out"])
 def test_bandit_policy_gradient_is_unbiased(x64, baseline):
     bandit = rl.make_bandit(6, key=jax.random.key(3))
@@ -159,6 +160,7 @@ def _vi_estimator(name, log_joint):
     return sg.pathwise()
 
 
+@pytest.mark.slow  # measured 20-30 s per case on 2 cores
 @pytest.mark.parametrize("name", ["score_function[loo]", "pathwise",
                                   pytest.param("score_function[delta]", marks=pytest.mark.slow)])
 def test_linear_regression_elbo_gradient_matches_closed_form(x64, name):

@@ -97,6 +97,7 @@ def test_pathwise_multivariate_normal(x64):
     assert float(jnp.abs(r.grad["scale_tril"][0, 1])) == 0.0
 
 
+@pytest.mark.slow  # measured 20-30 s per case on 2 cores
 def test_score_function_poisson_closed_form(x64):
     lr = jnp.array([0.3, -1.0])
     lam = jnp.exp(lr)

@@ -134,6 +134,7 @@ def test_nan_policy_bad_value():
                          num_samples=8, nan_policy="ignore")
 
 
+@pytest.mark.slow  # measured 20-30 s per case on 2 cores
 @pytest.mark.parametrize("est", [sg.score_function(), sg.pathwise(),
                                  sg.score_function(sg.baselines.leave_one_out())])
 def test_chunk_size_invariance_with_remainder(est):

@@ -242,6 +242,7 @@ def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
     fs = out.fstats
     w = jax.lax.stop_gradient(est.weights(fs, state, _kept_units(prep, fs)))
     mom = out.moments
+    assert mom is not None  # callers run the engine in mode "diag", which returns the moments
     n = mom.count  # units kept: u, or fewer with nan_policy="drop"
 
     def per_unit(v):  # an unbiased per-unit variance from a co-moment sum; NaN below 2 units
@@ -428,6 +429,7 @@ def _fstats_float(fs: FStats) -> FStats:
 def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
     """Value = mean f, gradient (any order) = the estimator, via a custom JVP over the engine."""
     est = prep.est
+    assert prep.key is not None  # expectation* always pass a key (samples=None)
     impl = jax.random.key_impl(prep.key)
     def run(p, kd, st, mode):
         out = _run(prep, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl))

@@ -51,7 +51,8 @@ class Model(NamedTuple):
 class FStats(NamedTuple):
     """Streaming statistics of the f evaluations (merged across chunks, Chan et al. 1979)."""
 
-    count: jax.Array
+    # The field shadows tuple.count (a public name, kept): mypy flags the override.
+    count: jax.Array  # type: ignore[assignment]
     mean: jax.Array
     m2: jax.Array
     nonfinite: jax.Array
@@ -157,7 +158,7 @@ class Baseline(NamedTuple):
     num_features: int
     min_samples: int
     init: Callable[[Any], State]
-    features: Callable[[jax.Array, State], jax.Array]
+    features: Callable[..., jax.Array]  # (f_i, state), or (f_i, state, x_i) with uses_draw
     weights: Callable[[FStats, State, int], jax.Array]
     update: Callable[[State, FStats], State]
     stateful: bool = False
@@ -202,7 +203,9 @@ def single_term(name: str, unit: Callable[..., UnitOut], **fields) -> Estimator:
 
     ``fields`` override any other :class:`Estimator` field (``draws_per_unit``, ``check``, ...).
     """
-    base = dict(init=lambda theta: (), weights=_unit_weight, update=no_update, num_terms=1,
-                min_units=1, needs_key=True, stateful=False)
+    base: dict[str, Any] = dict(
+        init=lambda theta: (), weights=_unit_weight, update=no_update, num_terms=1,
+        min_units=1, needs_key=True, stateful=False,
+    )
     base.update(fields)
     return Estimator(name=name, unit=unit, **base)

@@ -158,8 +158,14 @@ def delta_method(f: Callable, *, order: int = 2, moments: tuple | None = None) -
 def _cv_term(cv: ControlVariate, model, params, x, pathwise: bool):
     if cv.resolve is not None:
         cv = cv.resolve(model.family)
-    h = cv.h(x, params.theta)
-    mu = cv.mean(params.theta)
+    h_fn, mean_fn = cv.h, cv.mean
+    if h_fn is None or mean_fn is None:  # only a `resolve` control variate leaves them unset
+        raise TypeError(
+            f"control variate {cv.name!r} has no h or mean; build it with "
+            "sg.control_variates.control_variate(h, mean)."
+        )
+    h = h_fn(x, params.theta)
+    mu = mean_fn(params.theta)
     if pathwise:
         return (h - mu).astype(h.dtype)
     return magic_box(model.eval_log_prob(params, x)) * h - mu

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,8 @@ def diagnostics(result, seconds: float | None = None) -> Diagnostics:
       (['loc', 'scale'], True)
     """
     sq = jax.tree_util.tree_map(jnp.square, result.stderr)
-    total = sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(sq))
+    # theta has at least one leaf (validation.check_theta), so the sum is an array, not 0
+    total = cast(jax.Array, sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(sq)))
     snr_block = jax.tree_util.tree_map(
         lambda g, s2: jnp.sqrt(jnp.sum(jnp.square(g))) / jnp.sqrt(jnp.sum(s2)), result.grad, sq
     )

@@ -53,7 +53,8 @@ def elements_per_unit(x_struct: PyTree, theta: PyTree, est: Estimator) -> tuple:
 class Moments(NamedTuple):
     """Streaming mean and centered co-moments of per-unit term gradients (leading axes K, K)."""
 
-    count: jax.Array
+    # The field shadows tuple.count (a public name, kept): mypy flags the override.
+    count: jax.Array  # type: ignore[assignment]
     mean: PyTree  # leaves (K, *leaf)
     comoment: PyTree  # leaves (K, K, *leaf)
 
@@ -254,12 +255,12 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
         _, vjp_fn, out = jax.vjp(terms, params.theta, has_aux=True)
         return _rows_of_jacobian(vjp_fn, est.num_terms, dtype), out
 
-    def chunk(keys, xs):
+    def diag_chunk(keys, xs):
         grads, out = jax.vmap(theta_grads)(keys, xs)  # leaves (c, K, *leaf)
         ok = jax.vmap(_unit_ok)(out, grads) if drop else jnp.ones(out.fvals.shape[:1], bool)
         return _fstats_of(out.fvals, dtype, ok if drop else None), _masked_moments(grads, ok, dtype)
 
-    return chunk
+    return diag_chunk
 
 
 def merge(mode: str, acc, new):

@@ -142,7 +142,7 @@ def gamma(concentration=None) -> Family:
       (2,)
     """
     if concentration is None:
-        keys = ("concentration", "rate")
+        keys: tuple[str, ...] = ("concentration", "rate")
         alpha_of = lambda th: th["concentration"]  # noqa: E731
         decomposition = wd.gamma_unsupported
     else:

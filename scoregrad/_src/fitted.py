@@ -91,6 +91,7 @@ def _fstats(fvals, dtype) -> FStats:
 
 def moments_of(rows: PyTree, dtype) -> engine.Moments:
     """Mean and centered co-moments over the leading (unit) axis of leaves ``(c, K, *leaf)``."""
+    treedef: Any  # jaxlib ships no stubs: mypy cannot type PyTreeDef's methods
     leaves, treedef = jax.tree_util.tree_flatten(rows)
     count = jnp.asarray(leaves[0].shape[0], dtype)
     means, coms = [], []
@@ -108,6 +109,7 @@ def _is_diff(leaf) -> bool:
 
 def _full_diag_chunk(model, est: Estimator, params, state, dtype):
     """Per-unit gradients of the terms w.r.t. every differentiable leaf of ``params``."""
+    treedef: Any  # jaxlib ships no stubs: mypy cannot type PyTreeDef's methods
     flat, treedef = jax.tree_util.tree_flatten(params)
     idx = [i for i, leaf in enumerate(flat) if _is_diff(leaf)]
     basis = jnp.eye(est.num_terms, dtype=dtype)

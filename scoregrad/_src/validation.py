@@ -187,7 +187,9 @@ def check_state(state: Any, est: Any, theta: Any) -> None:
         expected = jax.eval_shape(est.init, theta)
     except (TypeError, ValueError):  # an init that is not traceable: nothing to compare
         return
-    got, want = jax.tree_util.tree_structure(state), jax.tree_util.tree_structure(expected)
+    # Any: jaxlib ships no stubs, so mypy cannot type PyTreeDef (its == and methods).
+    got: Any = jax.tree_util.tree_structure(state)
+    want: Any = jax.tree_util.tree_structure(expected)
     if got == want:
         return
     if want == jax.tree_util.tree_structure(()):
@@ -204,8 +206,9 @@ def check_state(state: Any, est: Any, theta: Any) -> None:
 def check_samples(samples: Any, draw_struct: Any) -> None:
     """Given draws (leading axis N) must match one draw of the family: structure and shape,
     and floating point where the family samples floating point (and integer where integer)."""
-    got = jax.tree_util.tree_structure(samples)
-    want = jax.tree_util.tree_structure(draw_struct)
+    # Any: jaxlib ships no stubs, so mypy cannot type PyTreeDef (its == and methods).
+    got: Any = jax.tree_util.tree_structure(samples)
+    want: Any = jax.tree_util.tree_structure(draw_struct)
     if got != want:
         raise TypeError(
             f"`samples` has structure {got}, but family.sample returns draws of structure {want}; "

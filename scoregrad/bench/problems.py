@@ -152,7 +152,7 @@ def select(patterns: list[str], names: list[str], what: str) -> list[str]:
     Raises:
       ValueError: a pattern matches nothing (the message lists the known names).
     """
-    out = []
+    out: list[str] = []
     for pat in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:

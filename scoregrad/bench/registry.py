@@ -65,6 +65,12 @@ class EstimatorEntry(NamedTuple):
     description: str = ""
 
 
+def _specialized(est: sg.Estimator, problem: Problem) -> sg.Estimator:
+    """``est`` specialized to the problem's family and theta (an estimator with ``specialize``)."""
+    assert est.specialize is not None  # every estimator passed here defines it
+    return est.specialize(problem.family, problem.theta)
+
+
 ESTIMATORS: list[EstimatorEntry] = [
     EstimatorEntry(
         name="score_function",
@@ -132,13 +138,13 @@ ESTIMATORS: list[EstimatorEntry] = [
     EstimatorEntry(
         name="measure_valued",
         # specialized: draws_per_unit (1 + 3d f evaluations per unit) depends on theta's shape
-        factory=lambda problem: sg.measure_valued().specialize(problem.family, problem.theta),
+        factory=lambda problem: _specialized(sg.measure_valued(), problem),
         requires=frozenset({"kind:normal"}),
         description="measure-valued (weak derivative), coupled Rayleigh/Maxwell parts",
     ),
     EstimatorEntry(
         name="measure_valued[bernoulli]",
-        factory=lambda problem: sg.measure_valued().specialize(problem.family, problem.theta),
+        factory=lambda problem: _specialized(sg.measure_valued(), problem),
         requires=frozenset({"kind:bernoulli"}),
         description="measure-valued (weak derivative): f(x with x_j=1) - f(x with x_j=0)",
     ),
@@ -149,19 +155,19 @@ ESTIMATORS: list[EstimatorEntry] = [
     ),
     EstimatorEntry(
         name="enumerate",
-        factory=lambda problem: sg.enumerate().specialize(problem.family, problem.theta),
+        factory=lambda problem: _specialized(sg.enumerate(), problem),
         requires=frozenset({"enumerable"}),
         description="exact sum over the finite support (zero variance reference)",
     ),
     EstimatorEntry(
         name="indecater",
-        factory=lambda problem: sg.indecater().specialize(problem.family, problem.theta),
+        factory=lambda problem: _specialized(sg.indecater(), problem),
         requires=frozenset({"kind:categorical"}),
         description="IndeCateR (De Smet et al. 2023): each coordinate summed out exactly",
     ),
     EstimatorEntry(
         name="indecater[bernoulli]",
-        factory=lambda problem: sg.indecater().specialize(problem.family, problem.theta),
+        factory=lambda problem: _specialized(sg.indecater(), problem),
         requires=frozenset({"kind:bernoulli"}),
         description="IndeCateR for Bernoulli latents (K = 2)",
     ),

@@ -6,7 +6,7 @@ import statistics
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, SupportsFloat
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +106,7 @@ def _replicates(problem, est, theta, n, keys, warmup_key, warmup: int):
     return np.concatenate(gs), np.concatenate(ss), secs
 
 
-def _finite(x: float) -> float | None:
+def _finite(x: SupportsFloat) -> float | None:
     x = float(x)
     return x if np.isfinite(x) else None
 
@@ -177,7 +177,8 @@ def run_cell(problem, entry, num_samples: int, replicates: int, dtype) -> dict:
 
 def plan(problem_names, estimator_names, samples) -> tuple[list, list]:
     """The cells to run and the (problem, estimator) pairs skipped as not applicable."""
-    cells, skipped = [], []
+    cells: list[tuple[Any, Any, int]] = []
+    skipped: list[dict[str, Any]] = []
     for pname in problem_names:
         problem = _problems.get_problem(pname)
         for ename in estimator_names:

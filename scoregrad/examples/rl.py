@@ -188,6 +188,7 @@ def train(f: Callable, family: sg.Family, theta, key, *, num_steps: int, num_sam
         return -value, (value, new)
 
     def from_rollouts(th, k, st):
+        assert fit_baseline is not None  # step calls this only when fit_baseline is given
         xs = jax.vmap(family.sample, in_axes=(None, 0))(th, jax.random.split(k, num_samples))
         r = sg.estimate_grad_from_samples(f, family, th, xs, estimator=est, state=st)
         st, _ = fit_baseline(r.state, xs, jax.vmap(f)(xs))

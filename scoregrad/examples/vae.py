@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -203,4 +203,6 @@ def gradient_variance(params: dict, x: jax.Array, key, *, estimator: sg.Estimato
         return g["enc"]
 
     grads = jax.jit(jax.vmap(one))(jax.random.split(key, num_replicates))
-    return sum(jnp.sum(jnp.var(g, axis=0, ddof=1)) for g in jax.tree_util.tree_leaves(grads))
+    # the encoder has weight leaves, so the sum is an array, not 0
+    return cast(jax.Array,
+                sum(jnp.sum(jnp.var(g, axis=0, ddof=1)) for g in jax.tree_util.tree_leaves(grads)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import jax
 import jax.numpy as jnp
 
@@ -13,7 +15,7 @@ _SUPPORTED = "normal (loc, scale), bernoulli, poisson, exponential, gamma (rate)
 
 def decomposition_of(family):
     """The family's weak-derivative decomposition, or ``TypeError`` naming the fix."""
-    caps = family.capabilities or {}
+    caps: Any = family.capabilities or {}  # Family.capabilities is an untyped mapping
     fn = caps.get("weak_derivative") or wd.BY_KIND.get(caps.get("kind"))
     if fn is None:
         raise TypeError(
@@ -108,7 +110,8 @@ def _build(draws_per_unit: int, decomposition) -> Estimator:
             return jnp.sum(g * (th - jax.lax.stop_gradient(th)))
 
         extra = jax.tree_util.tree_map(leaf_term, params.theta, parts.plus, parts.minus, parts.coef)
-        term = f_x + sum(jax.tree_util.tree_leaves(extra)).astype(f_x.dtype)
+        # theta has at least one leaf (validation.check_theta), so the sum is an array, not 0
+        term = f_x + cast(jax.Array, sum(jax.tree_util.tree_leaves(extra))).astype(f_x.dtype)
         return UnitOut(term[None], jax.lax.stop_gradient(f_x)[None])
 
     def specialize(family, theta):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +138,9 @@ def _learn_fn(cv, optimizer):
             g = jax.grad(lambda th: _unit_term(model, params._replace(theta=th), key_, cv, p.theta)[0])(
                 params.theta
             )
-            sq = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(g)).astype(dtype)
+            # theta has at least one leaf (validation.check_theta): the sum is an array, not 0
+            sq = cast(jax.Array, sum(jnp.sum(jnp.square(leaf))
+                                     for leaf in jax.tree_util.tree_leaves(g))).astype(dtype)
             return UnitOut(sq[None], sg_(sq)[None])
 
         pseudo = Estimator(
@@ -149,6 +151,7 @@ def _learn_fn(cv, optimizer):
             model, pseudo, Params(omega), state, num_units=num_units, chunk_units=chunk_units,
             mode="grad", dtype=dtype, key=key,
         )
+        assert out.grad_sums is not None  # mode="grad" always returns the gradient sums
         grads = jax.tree_util.tree_map(lambda g: g[0] / num_units, out.grad_sums.theta)
         updates, opt_state = optimizer.update(grads, state.opt_state, omega)
         new = RelaxState(optax.apply_updates(omega, updates), opt_state)
@@ -321,5 +324,7 @@ def relax(
     return _estimator(f"relax({lam})", mlp_cv, init_params, optimizer, True)
 
 
+# Docstrings are only absent under -OO, which also strips this assert (behaviour unchanged).
+assert rebar.__doc__ is not None and relax.__doc__ is not None
 rebar.__doc__ = rebar.__doc__.replace("{common}", _COMMON)
 relax.__doc__ = relax.__doc__.replace("{common}", _COMMON)
