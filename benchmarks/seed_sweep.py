@@ -35,14 +35,34 @@ def main(argv=None):
     p.add_argument("--start", type=int, default=1)
     p.add_argument("-k", default=None, help="pytest -k expression")
     p.add_argument("--files", nargs="*", default=None)
+    p.add_argument("--workers", type=int, default=0, help="pytest-xdist workers per run (-n)")
     p.add_argument("--out")
     a = p.parse_args(argv)
     files = [f for f in (a.files or STATISTICAL) if os.path.exists(f)]
     failures = collections.Counter()
     runs = collections.Counter()
-    for s in range(a.start, a.start + a.seeds):
+    per_check = erfc(5 / sqrt(2))
+
+    def report(done):
+        return {
+            "seeds_requested": a.seeds, "seeds_done": done, "first_seed": a.start, "files": files,
+            "k": a.k, "expected_failure_rate_per_5sigma_check": per_check,
+            "failures": dict(failures),
+            "failure_rates": {t: c / max(done, 1) for t, c in failures.items()},
+            "runs": dict(runs),
+        }
+
+    def write(rep):  # after every seed, so a run cut short still leaves its results
+        if a.out:
+            os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+            with open(a.out + ".tmp", "w") as fh:
+                json.dump(rep, fh, indent=2)
+            os.replace(a.out + ".tmp", a.out)
+
+    for i, s in enumerate(range(a.start, a.start + a.seeds)):
         cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-m", "not slow", "-p",
-               "no:cacheprovider", *files] + (["-k", a.k] if a.k else [])
+               "no:cacheprovider", *files] + (["-k", a.k] if a.k else []) + (
+                   ["-n", str(a.workers)] if a.workers else [])
         out = subprocess.run(cmd, capture_output=True, text=True,
                              env=dict(os.environ, SCOREGRAD_SWEEP_SEED=str(s)))
         for line in out.stdout.splitlines():
@@ -50,20 +70,13 @@ def main(argv=None):
             if m:
                 failures[m.group(1)] += 1
         summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-200:]
+        m = re.search(r"(\d+) passed", summary)
+        runs["tests_passed"] += int(m.group(1)) if m else 0
         runs["total"] += 1
         print(f"seed {s}: {summary}", flush=True)
-    per_check = erfc(5 / sqrt(2))
-    report = {
-        "seeds": a.seeds, "files": files, "expected_failure_rate_per_5sigma_check": per_check,
-        "failures": dict(failures),
-        "failure_rates": {t: c / a.seeds for t, c in failures.items()},
-    }
-    print(json.dumps(report, indent=2))
-    if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out + ".tmp", "w") as fh:
-            json.dump(report, fh, indent=2)
-        os.replace(a.out + ".tmp", a.out)
+        write(report(i + 1))
+    rep = report(a.seeds)
+    print(json.dumps(rep, indent=2))
     return 1 if failures else 0
 
 

@@ -3,7 +3,7 @@
 Usage::
 
     scoregrad bench --suite default --out bench-out
-    python benchmarks/update_readme.py bench-out
+    python benchmarks/update_readme.py bench-out [--note "what to know about this run"]
 
 Copies the two plots to ``benchmarks/default-suite/`` and replaces everything from the heading
 ``## Latest default-suite results`` to the next ``## `` heading (or the end) with the run's
@@ -23,7 +23,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 PLOTS = ("variance_vs_samples.png", "work_normalized_variance.png")
 
 
-def section(res: dict) -> str:
+def section(res: dict, note: str = "") -> str:
     meta, settings, summary = res["meta"], res["settings"], res["summary"]
     machine = meta["machine"]
     lines = [
@@ -38,9 +38,12 @@ def section(res: dict) -> str:
         f"{summary['ok']} cells measured, {summary['skipped']} skipped, {summary['error']} failed, "
         f"in {summary.get('wall_seconds', '?')} s wall ({summary.get('cpu_seconds', '?')} s CPU).",
         "",
-        "**The machine was shared with other jobs and noisy** (load average well above its core "
-        "count): times, and so var×s and ranks, carry that noise; bias, variance and SE ratio do "
-        "not depend on it. Rerun on a quiet machine for timings you quote.",
+    ]
+    if note:
+        lines += [note, ""]
+    lines += [
+        "Times (and so var×s and ranks) depend on the machine and its load; bias, variance and SE "
+        "ratio do not.",
         "",
     ]
     lines += [f"![{p}](default-suite/{p})\n" for p in PLOTS]
@@ -49,8 +52,12 @@ def section(res: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    note = ""
+    if len(argv) == 3 and argv[1] == "--note":
+        note, argv = argv[2], argv[:1]
     if len(argv) != 1:
-        print("usage: python benchmarks/update_readme.py BENCH_OUT_DIR", file=sys.stderr)
+        print("usage: python benchmarks/update_readme.py BENCH_OUT_DIR [--note TEXT]",
+              file=sys.stderr)
         return 2
     out = pathlib.Path(argv[0])
     res = json.loads((out / "results.json").read_text())
@@ -63,7 +70,7 @@ def main(argv: list[str]) -> int:
     start = text.index(HEADING)
     nxt = text.find("\n## ", start + len(HEADING))
     rest = text[nxt + 1:] if nxt >= 0 else ""
-    atomic_write(readme, (text[:start] + section(res) + ("\n" + rest if rest else "")).encode())
+    atomic_write(readme, (text[:start] + section(res, note) + ("\n" + rest if rest else "")).encode())
     print(f"updated {readme}")
     return 0
 

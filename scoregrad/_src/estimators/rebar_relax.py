@@ -324,7 +324,7 @@ def relax(
     return _estimator(f"relax({lam})", mlp_cv, init_params, optimizer, True)
 
 
-# Docstrings are only absent under -OO, which also strips this assert (behaviour unchanged).
-assert rebar.__doc__ is not None and relax.__doc__ is not None
-rebar.__doc__ = rebar.__doc__.replace("{common}", _COMMON)
-relax.__doc__ = relax.__doc__.replace("{common}", _COMMON)
+if rebar.__doc__:  # None under python -OO
+    rebar.__doc__ = rebar.__doc__.replace("{common}", _COMMON)
+if relax.__doc__:  # None under python -OO
+    relax.__doc__ = relax.__doc__.replace("{common}", _COMMON)
