@@ -47,7 +47,6 @@ HEAVY = {
     "tests/test_measure_valued.py::test_exponential_and_gamma_rate_closed_forms",
     "tests/test_measure_valued.py::test_expectation_gradient_with_f_closing_over_theta",
     "tests/test_examples.py::test_linear_regression_closed_forms",
-    "tests/test_adapters.py::test_bernoulli_capabilities_and_exact_gradients[numpyro]",
     "tests/test_families_extra.py::test_draw_shapes_and_dtypes[float32]",
     "tests/test_control_variates.py::test_delta_method_exact_for_quadratic",
 }

@@ -71,7 +71,7 @@ def _lme(x, th):
     return jax.nn.logsumexp(f) - jnp.log(f.shape[0])
 
 
-@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("order", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_vimco_exact_value_gradient_hessian(x64, order):
     theta, k = jnp.array([0.7, -0.4]), 3
     est = sg.vimco(k)

@@ -117,10 +117,10 @@ def test_finite_difference_common_random_numbers(x64):
 
 def test_open_uniform_never_reaches_0_or_1_and_antithetic_partner_is_finite(x64):
     for dtype in (jnp.float32, jnp.float64):
-        u = sg.sampling.open_uniform(jax.random.key(3), (1_000_000,), dtype)
+        u = sg.sampling.open_uniform(jax.random.key(3), (200_000,), dtype)
         assert u.dtype == dtype and float(u.min()) > 0 and float(u.max()) < 1
         assert bool(jnp.all(jnp.isfinite(jax.scipy.special.ndtri(1.0 - u))))
-        se = float(jnp.std(u)) / 1000.0
+        se = float(jnp.std(u)) / (200_000**0.5)
         assert abs(float(jnp.mean(u)) - 0.5) < 5 * se
     # The grid's end points map to finite normal quantiles in float32.
     m = jnp.finfo(jnp.float32).nmant

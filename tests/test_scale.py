@@ -103,7 +103,7 @@ def test_nan_policy_propagate_counts():
     assert not np.all(np.isfinite(np.asarray(r.grad["loc"])))
 
 
-@pytest.mark.parametrize("baseline", [None, "loo"])
+@pytest.mark.parametrize("baseline", [None, pytest.param("loo", marks=pytest.mark.slow)])
 def test_nan_policy_drop_equals_estimate_on_the_finite_draws(baseline):
     with jax.enable_x64(True):
         theta = jnp.array([0.3, -0.2, 1.0])
