@@ -25,28 +25,15 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from _procmem import peak_rss_mib  # benchmarks/ is sys.path[0] when run as a script
 
 import scoregrad as sg
-
-
-def peak_rss_mib() -> float:
-    """This process image's peak resident memory (VmHWM), MiB.
-
-    Not ``getrusage().ru_maxrss``: Linux keeps that across ``execve``, so a child process would
-    report its parent's peak (the parent here imports jax, optax and torch).
-    """
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def floor_fn(n, d, chunk):
