@@ -116,6 +116,13 @@ def _prepare(
         family.check_theta(theta)
     if est.specialize is not None:
         est = est.specialize(family, theta)
+    if nan_policy == "drop" and fitted.routed(est):
+        raise ValueError(
+            f"{where}: nan_policy='drop' is not supported by {est.name}: its cross-fitted "
+            "per-coordinate coefficients are fitted over all draws. Use nan_policy='raise' (the "
+            "default) or 'propagate', or a baseline without fitting (leave_one_out, "
+            "moving_average)."
+        )
     n = validation.check_num_samples(
         num_samples,
         minimum=est.min_units * est.draws_per_unit,
@@ -278,9 +285,20 @@ def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
     )
 
 
-def _routed(prep: _Prepared, state, samples=None) -> GradEstimate:
-    """Estimators with cross-fitted per-coordinate coefficients (see ``fitted.routed``)."""
-    return fitted.estimate(prep, state, samples)
+def _routed(prep: _Prepared, state, samples=None, where: str = "estimate_grad") -> GradEstimate:
+    """Estimators with cross-fitted per-coordinate coefficients (see ``fitted.routed``).
+
+    The NaN policy applies as in the engine path ("drop" is refused by ``_prepare``): with
+    "raise", a non-finite f raises instead of returning a NaN gradient.
+    """
+    res = fitted.estimate(prep, state, samples)
+    if prep.nan_policy != "raise":
+        return res
+    zero = jnp.zeros((), res.value.dtype)
+    fs = _apply_nan_policy(prep, FStats(zero, res.value, zero, res.num_nonfinite), where)
+    guard = lambda tree: jax.tree_util.tree_map(lambda a: _guard(a, fs), tree)  # noqa: E731
+    return res._replace(value=_guard(res.value, fs), grad=guard(res.grad),
+                        stderr=guard(res.stderr), num_nonfinite=fs.nonfinite)
 
 
 def _learn(prep: _Prepared, state):
@@ -414,7 +432,7 @@ def estimate_grad_from_samples(
     )
     state = _init_state(prep.est, theta, state)
     if fitted.routed(prep.est):
-        return _routed(prep, state, samples)
+        return _routed(prep, state, samples, "estimate_grad_from_samples")
     out = _run(prep, prep.params, state, "diag", samples=samples)
     out = out._replace(
         fstats=_apply_nan_policy(prep, out.fstats, "estimate_grad_from_samples")
@@ -449,8 +467,10 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
         if fitted.routed(est):
             key = jax.random.wrap_key_data(key_data, impl=impl)
             fs, tangent = fitted.jvp(prep, params, key, st, dparams)
+            fs = _apply_nan_policy(prep, fs, "expectation")
             fsf = _fstats_float(fs)
-            return (fs.mean, fsf), (tangent, jax.tree_util.tree_map(jnp.zeros_like, fsf))
+            return (_guard(fs.mean, fs), fsf), (
+                _guard(tangent, fs), jax.tree_util.tree_map(jnp.zeros_like, fsf))
         out = run(params, key_data, st, "grad")
         fs = out.fstats
         denom = _kept_units(prep, fs)  # with nan_policy="drop": the finite units
