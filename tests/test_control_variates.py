@@ -60,6 +60,7 @@ def test_several_control_variates_at_once(x64):
                                     cv.delta_method(_cos, order=1)))
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_delta_method_exact_for_quadratic(x64):
     f = lambda x: jnp.sum((x - 1.0) ** 2) + x[0] * x[1]  # noqa: E731
     est = cv.with_control_variates(sg.score_function(), cv.delta_method(f, order=2))

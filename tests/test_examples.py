@@ -50,6 +50,7 @@ def test_likelihood_ratio_greeks_of_the_call_and_digital(x64):
         _check_greeks(mean, se, exact, finance.GREEKS)
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_pathwise_fails_where_it_should_and_mixed_fixes_gamma(x64):
     th = finance.make_theta()
     call = finance.european_call(100.0, 1.0)
@@ -137,6 +138,7 @@ def test_cartpole_reinforce_improves_the_return():
 # ---------------------------------------------------------------- variational inference
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_linear_regression_closed_forms(x64):
     data = vi.load_diabetes()
     opt = vi.linreg_optimum(data)

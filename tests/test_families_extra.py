@@ -73,6 +73,7 @@ def test_pathwise_gamma_implicit_reparameterization(x64):
     _check(r, {"concentration": 1 / b, "rate": -a / b**2}, 0.05, "gamma")
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_pathwise_beta_dirichlet_exponential(x64):
     a, b = jnp.array([2.0, 0.5]), jnp.array([3.0, 1.5])
     r = _pathwise(jnp.sum, sg.families.beta(), {"a": a, "b": b})

@@ -57,6 +57,7 @@ def test_unbiased_and_honest_stderr(x64, self_normalized):
     np.testing.assert_allclose(np.mean(_flat(r.stderr), 0), spread, rtol=0.3)
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_ess_closed_form(x64):
     r = sg.importance.estimate_grad_importance(_f, FAM, _f64(P), proposal=FAM, proposal_theta=_f64(Q),
                                                key=jax.random.key(1), num_samples=20_000)

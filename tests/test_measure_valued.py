@@ -54,6 +54,7 @@ def test_poisson_exact_by_truncated_enumeration(x64):
     np.testing.assert_allclose(step, lam * lam * jnp.exp(-lam), rtol=1e-10)
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_normal_closed_forms_smooth_and_step(x64):
     mu, sigma = jnp.array([0.5, -1.0]), jnp.array([1.0, 2.0])
     theta = {"loc": mu, "scale": sigma}
@@ -73,6 +74,7 @@ def test_normal_closed_forms_smooth_and_step(x64):
         assert_power(r.stderr[k], 0.01, what=f"step {k}")
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_exponential_and_gamma_rate_closed_forms(x64):
     lam = jnp.array([2.0, 0.5])
     r = sg.estimate_grad(lambda x: jnp.sum(x**2), sg.families.exponential(), lam, KEY,
@@ -87,6 +89,7 @@ def test_exponential_and_gamma_rate_closed_forms(x64):
     assert_power(r.stderr["rate"], 1.5, what="gamma rate")
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_expectation_gradient_with_f_closing_over_theta(x64):
     """E[sum(x * loc)] = sum(loc^2): weak part + the direct (pathwise) term = 2 loc."""
     theta = {"loc": jnp.array([0.5, -1.0]), "scale": jnp.array([1.0, 0.5])}
@@ -103,6 +106,7 @@ def test_expectation_gradient_with_f_closing_over_theta(x64):
         assert_power(se, 0.08, what=k)
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_coupling_beats_score_function_on_normal_loc(x64):
     theta = {"loc": jnp.array([0.5]), "scale": jnp.array([1.0])}
     f = lambda x: jnp.sum(x**2)  # noqa: E731

@@ -157,6 +157,7 @@ def test_learning_reduces_variance_common_random_numbers(x64, est, cv):
     assert np.all(ratio + 5 * se < 1.0), (ratio, se)
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_expectation_with_state_threads_and_learns():
     f, theta = toy(0.45), jnp.zeros(3, jnp.float32)
     est = sg.rebar(0.5, 0.5, optimizer=optax.sgd(0.1))

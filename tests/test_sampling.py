@@ -82,6 +82,7 @@ def test_qmc_error_falls_faster_than_sqrt_n(x64):
     assert small / large > 8.0, (small, large)
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_chunk_size_invariance_and_given_samples_refused(x64):
     est = sg.sampling.qmc(block_size=8)
     theta = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), THETA)

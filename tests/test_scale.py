@@ -151,6 +151,7 @@ def test_chunk_size_invariance_with_remainder(est):
             np.testing.assert_allclose(g[name], grads[0][name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_memory_is_bounded_in_num_samples():
     """2e6 draws of a d = 100 normal (800 MB if materialized) stay within a small RSS growth."""
     code = """
