@@ -82,8 +82,14 @@ def work_normalized(cells, path: pathlib.Path) -> None:
         n = max(c["num_samples"] for c in mine)
         mine = sorted((c for c in mine if c["num_samples"] == n),
                       key=lambda c: c["work_normalized_variance"])
-        names = [c["estimator"] + (" (biased)" if c["biased"] else "") for c in mine]
-        vals = [max(c["work_normalized_variance"], 1e-300) for c in mine]
+        raw = [c["work_normalized_variance"] for c in mine]
+        # Zero-variance estimators (enumeration, some exact couplings) and rounding-level values
+        # are drawn at 1e-12 of the largest bar and labelled, so they do not stretch the log axis
+        # to 1e-300 and flatten every other bar.
+        tiny = max(max(raw), 1e-300) * 1e-12
+        names = [c["estimator"] + (" (biased)" if c["biased"] else "")
+                 + (" (≈0)" if v < tiny else "") for c, v in zip(mine, raw, strict=True)]
+        vals = [max(v, tiny) for v in raw]
         ax.set_xscale("log")
         left = min(vals) / 3.0
         ax.barh(names, [v - left for v in vals], left=left,
