@@ -30,3 +30,23 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_executed_notebooks_match_their_sources_and_ran_cleanly():
+    # notebooks/executed/NAME.ipynb is NAME.py run in full (jupytext --to ipynb, then
+    # jupyter nbconvert --execute). Its code must be the source's code, and it must hold outputs
+    # and no errors, so a stale or failed execution is caught.
+    import json
+
+    import jupytext
+
+    for name in NOTEBOOKS:
+        executed = NOTEBOOK_DIR / "executed" / name.replace(".py", ".ipynb")
+        assert executed.exists(), f"{executed} missing: execute {name} (see notebooks/README.md)"
+        nb = json.loads(executed.read_text())
+        ran = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        src = [c for c in jupytext.read(NOTEBOOK_DIR / name).cells if c.cell_type == "code"]
+        assert ["".join(c["source"]).strip() for c in ran] == [c.source.strip() for c in src], name
+        assert all(c.get("execution_count") for c in ran), f"{name}: not every cell was executed"
+        outputs = [o for c in ran for o in c.get("outputs", [])]
+        assert outputs and not [o for o in outputs if o.get("output_type") == "error"], name
