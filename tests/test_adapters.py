@@ -23,7 +23,8 @@ def f_bern(x):
     return x[0] * x[1] + x[1]
 
 
-@pytest.mark.parametrize("lib", ["numpyro", pytest.param("distrax", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("lib", [pytest.param("numpyro", marks=pytest.mark.slow),
+                                 pytest.param("distrax", marks=pytest.mark.slow)])
 def test_bernoulli_capabilities_and_exact_gradients(x64, lib):
     theta = jnp.array([0.4, -0.9])
     if lib == "numpyro":

@@ -115,6 +115,7 @@ def _train(est, f, theta, steps, n=64):
     return state
 
 
+@pytest.mark.slow  # ~14 s on 2 cores; test_engine_wiring_matches_surrogate stays in the default set
 def test_statistically_unbiased_before_and_after_learning(x64):
     """t = 0.45 (both t are covered exactly above): one jitted call of 20 000 independent draws
     with its own standard error, at the initial state and after 30 learning steps."""

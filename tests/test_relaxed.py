@@ -199,7 +199,10 @@ def test_gumbel_softmax_categorical_bias_measured(x64):
 ESTIMATORS = [sg.gumbel_softmax(0.5), sg.straight_through(), sg.straight_through_gumbel(0.5)]
 
 
-@pytest.mark.parametrize("est", ESTIMATORS, ids=lambda e: e.name)
+@pytest.mark.parametrize(
+    "est", [pytest.param(ESTIMATORS[0], marks=pytest.mark.slow), *ESTIMATORS[1:]],
+    ids=lambda e: e.name,
+)
 def test_contract_float32_jit_expectation(est):
     theta, key = jnp.asarray([[0.1, -0.2, 0.3]], jnp.float32), jax.random.key(4)
     f = lambda y: jnp.sum(y * jnp.arange(3.0)) ** 2  # noqa: E731
