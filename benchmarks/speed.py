@@ -98,8 +98,9 @@ def methods(n, d, chunk):
     }
 
 
-def time_all(fns, args, repeats, stat="median"):
-    """Median (or min) seconds per call, interleaving methods so machine noise hits all alike."""
+def time_all(fns, args, repeats):
+    """Seconds of every call, ``{name: [seconds, ...]}``, interleaving methods so that machine
+    noise hits all alike."""
     compiled = {name: jax.jit(fn) for name, fn in fns.items()}
     for fn in compiled.values():
         jax.block_until_ready(fn(*args))
@@ -109,11 +110,7 @@ def time_all(fns, args, repeats, stat="median"):
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - t0)
-    if stat == "all":
-        return times
-    if stat == "min":
-        return {name: min(ts) for name, ts in times.items()}
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    return times
 
 
 def machine():
@@ -165,9 +162,7 @@ def main(argv=None):
         theta = {"loc": jnp.zeros(a.d), "scale": jnp.ones(a.d)}
         fns = {k: v for k, v in methods(a.n, a.d, a.chunk).items() if k not in a.skip}
         res = {"machine": machine(), "n": a.n, "d": a.d, "repeats": a.repeats}
-        for stat in ("median", "min"):
-            res[stat] = {}
-        raw = time_all(fns, (theta, jax.random.key(0)), a.repeats, stat="all")
+        raw = time_all(fns, (theta, jax.random.key(0)), a.repeats)
         for stat, pick in (("median", lambda ts: sorted(ts)[len(ts) // 2]), ("min", min)):
             t = {k: pick(v) for k, v in raw.items()}
             floor = min(v for k, v in t.items() if k.startswith("floor"))

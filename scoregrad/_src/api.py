@@ -353,8 +353,9 @@ def estimate_grad(
         ``FloatingPointError`` message), so a NaN never reaches an optimizer silently;
         ``"drop"`` leaves those units out of every statistic and counts them in
         ``num_nonfinite`` (the estimate is then over the finite draws: biased if non-finite
-        values are not a null event); ``"propagate"`` keeps them (the gradient becomes
-        non-finite) and counts them.
+        values are not a null event; refused with ``ValueError`` by cross-fitted estimators,
+        i.e. the optimal baseline and optimal control-variate coefficients);
+        ``"propagate"`` keeps them (the gradient becomes non-finite) and counts them.
       devices: ``None`` (one device), ``"all"`` (all local devices), an int, or a list of
         devices: units are split into contiguous ranges, one per device, under ``shard_map``.
         Unit ``i`` still draws from ``fold_in(key, i)``: the result equals the one-device result

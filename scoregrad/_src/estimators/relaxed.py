@@ -231,6 +231,21 @@ def _estimator(name, unit, check, needs_key) -> Estimator:
     )
 
 
+def _noise_relaxation(name: str, temperature, f_input) -> Estimator:
+    """An estimator that draws logistic/Gumbel noise per unit and evaluates f at
+    ``f_input(kind, logits, noise, temperature)`` (the relaxed or straight-through input)."""
+    lam = check_temperature(temperature, name)
+    who = f"{name}({lam})"
+
+    def unit(model, params, key, x, state):
+        del x, state
+        kind = family_kind(model.family)
+        eps = noise(kind, key, params.theta)
+        return _out(model.eval_f(params, f_input(kind, params.theta, eps, lam)))
+
+    return _estimator(who, unit, make_check(who), needs_key=True)
+
+
 def _out(f):
     return UnitOut(f[None], sg_(f)[None])
 
@@ -271,16 +286,7 @@ def gumbel_softmax(temperature: float = 0.5) -> Estimator:
     References:
       Maddison, Mnih and Teh, ICLR 2017. Jang, Gu and Poole, ICLR 2017.
     """
-    lam = check_temperature(temperature, "gumbel_softmax")
-    who = f"gumbel_softmax({lam})"
-
-    def unit(model, params, key, x, state):
-        del x, state
-        kind = family_kind(model.family)
-        eps = noise(kind, key, params.theta)
-        return _out(model.eval_f(params, relax(kind, params.theta, eps, lam)))
-
-    return _estimator(who, unit, make_check(who), needs_key=True)
+    return _noise_relaxation("gumbel_softmax", temperature, relax)
 
 
 def straight_through() -> Estimator:
@@ -360,13 +366,4 @@ def straight_through_gumbel(temperature: float = 1.0) -> Estimator:
     References:
       Jang, Gu and Poole, ICLR 2017, §2.2. Bengio, Léonard and Courville, 2013.
     """
-    lam = check_temperature(temperature, "straight_through_gumbel")
-    who = f"straight_through_gumbel({lam})"
-
-    def unit(model, params, key, x, state):
-        del x, state
-        kind = family_kind(model.family)
-        eps = noise(kind, key, params.theta)
-        return _out(model.eval_f(params, straight_through_input(kind, params.theta, eps, lam)))
-
-    return _estimator(who, unit, make_check(who), needs_key=True)
+    return _noise_relaxation("straight_through_gumbel", temperature, straight_through_input)
