@@ -66,7 +66,11 @@ class EngineOut(NamedTuple):
 
 
 def _fstats_of(fvals: jax.Array, dtype, ok: Optional[jax.Array] = None) -> FStats:
-    """Chunk statistics of f; with ``ok`` (per unit), only those units count."""
+    """Chunk statistics of f; with ``ok`` (per unit), only those units count.
+
+    ``nonfinite`` counts the non-finite f evaluations, plus (with ``ok``) each unit dropped
+    although its f evaluations were finite.
+    """
     fvals = fvals.astype(dtype)
     nonfinite = jnp.sum(~jnp.isfinite(fvals)).astype(jnp.int32)
     if ok is None:
@@ -75,6 +79,9 @@ def _fstats_of(fvals: jax.Array, dtype, ok: Optional[jax.Array] = None) -> FStat
         mean = jnp.mean(flat)
         return FStats(n, mean, jnp.sum(jnp.square(flat - mean)), nonfinite)
     keep = jnp.broadcast_to(ok.reshape((-1,) + (1,) * (fvals.ndim - 1)), fvals.shape)
+    # Units dropped with finite f (a non-finite term or gradient) count once each as well.
+    f_ok = jnp.all(jnp.isfinite(fvals).reshape(fvals.shape[0], -1), axis=1)
+    nonfinite = nonfinite + jnp.sum(~ok & f_ok).astype(jnp.int32)
     n = jnp.sum(keep).astype(dtype)
     mean = jnp.sum(jnp.where(keep, fvals, 0)) / jnp.maximum(n, 1)
     m2 = jnp.sum(jnp.where(keep, jnp.square(fvals - mean), 0))
