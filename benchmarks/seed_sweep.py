@@ -1,83 +1,250 @@
-"""Reruns the statistical tests over many seeds and compares failure rates with what z = 5 predicts.
+"""Reruns every statistical test over many seeds and compares its failure rate with theory.
 
-Each run sets ``SCOREGRAD_SWEEP_SEED=s`` (tests/conftest.py folds it into every literal key), so
-the tests see independent randomness. A 5-sigma two-sided check on one coordinate fails with
-probability 5.7e-7 when the estimator is unbiased and the standard error is right; a test that
-checks m coordinates at once fails with at most m times that. A test that fails more often than
-a handful of times in the sweep has a wrong tolerance (or a real bias) and must be fixed.
+Which tests: those marked ``@pytest.mark.statistical`` (their outcome depends on the random key;
+every such check goes through ``tests/stats_util.py``). Seed ``s`` runs them in one pytest
+process with ``SCOREGRAD_SWEEP_SEED=s`` (``tests/conftest.py`` folds ``s`` into every literal
+key) and ``SCOREGRAD_SWEEP_LOG`` set, so each check writes its statistic and limit to a log.
 
-    python benchmarks/seed_sweep.py --seeds 200 --out benchmarks/results/seed_sweep.json
-    python benchmarks/seed_sweep.py --seeds 20 -k gaussian      # a subset
+What is compared with what:
 
-Runs are sequential pytest processes (``-p no:randomly -q``), each over the selected tests.
+* **Observed failures** per test, over the seeds run.
+* **Unbiasedness checks** (``null``): under an unbiased estimator and an honest standard error,
+  ``z = (mean - truth) / SE`` is N(0, 1), and a 5-sigma check on one coordinate fails with
+  probability ``2 Phi(-5) = 5.7e-7``. The sweep pools each check's z over seeds and coordinates
+  and reports its spread, its tails (|z| > 2, > 3 against 4.55% and 0.27%) and a
+  Kolmogorov-Smirnov p-value against N(0, 1). Too-wide z means an understated standard error
+  (the check fails more often than it claims) or a bias.
+* **Power and effect-size checks** (``upper``/``lower``: SE below a bound, a variance ratio
+  below 1, a wrong answer rejected): their margin to the limit varies over seeds; a normal fit
+  to it gives the failure probability per run, ``Phi(-mean / sd)``, and "margin in sd".
+* Per test, the predicted failure probability per run (the sum over its checks) and the failures
+  it predicts for this many seeds. A test whose predicted rate exceeds ``--max-rate`` (default
+  1e-4 per run) or that failed at all is listed under ``fragile``: its tolerance is wrong.
+
+    python benchmarks/seed_sweep.py --seeds 200 --jobs 2              # default statistical tests
+    python benchmarks/seed_sweep.py --seeds 20 --slow                 # the slow ones too
+    python benchmarks/seed_sweep.py --seeds 20 -k gaussian            # a subset
+    python benchmarks/seed_sweep.py --summarize-only --logs DIR       # re-read finished seeds
+
+Seeds already in ``--logs`` are not rerun, so a sweep cut short resumes where it stopped. Every
+process shares a persistent XLA compilation cache (``--cache``), so after the first seed most
+programs load instead of compiling.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import json
+import math
 import os
 import re
 import subprocess
 import sys
-from math import erfc, sqrt
+import time
 
-STATISTICAL = ["tests/test_gaussian.py", "tests/test_hessian.py", "tests/test_sampling.py",
-               "tests/test_control_variates.py", "tests/test_measure_valued.py",
-               "tests/test_arm.py", "tests/test_rebar_relax.py", "tests/test_baselines_extra.py",
-               "tests/test_multisample.py", "tests/test_importance.py", "tests/test_examples.py"]
+import numpy as np
+from scipy import stats
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PER_CHECK = math.erfc(5 / math.sqrt(2))  # 2 Phi(-5): one coordinate of a 5-sigma check
+MIN_RUNS = 10  # runs of a power or effect-size check before its margin is extrapolated
+
+
+def run_seed(seed, a):
+    """One pytest process over the selected tests with seed ``seed``; writes the check log and
+    a status file into ``a.logs``."""
+    log = os.path.join(a.logs, f"seed_{seed}.jsonl")
+    status = os.path.join(a.logs, f"seed_{seed}.status.json")
+    if os.path.exists(status):
+        return seed, json.load(open(status)), True
+    if os.path.exists(log):
+        os.remove(log)  # a seed cut short: run it again from the start
+    marker = "statistical" if a.slow else "statistical and not slow"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-p",
+           "no:randomly", "-m", marker, *a.files] + (["-k", a.k] if a.k else [])
+    env = dict(os.environ, SCOREGRAD_SWEEP_SEED=str(seed), SCOREGRAD_SWEEP_LOG=log,
+               JAX_COMPILATION_CACHE_DIR=a.cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    failed = sorted({m.group(1) for m in re.finditer(r"^FAILED (\S+)", out.stdout, re.M)})
+    m = re.search(r"(\d+) passed", out.stdout)
+    res = {"seed": seed, "passed": int(m.group(1)) if m else 0, "failed": failed,
+           "returncode": out.returncode, "seconds": round(time.time() - t0, 1)}
+    if out.returncode not in (0, 1):  # 2-5: pytest itself failed (collection, usage): keep it
+        res["error"] = (out.stdout + out.stderr)[-2000:]
+    with open(status + ".tmp", "w") as fh:
+        json.dump(res, fh)
+    os.replace(status + ".tmp", status)
+    return seed, res, False
+
+
+def _load(logs):
+    statuses, checks = {}, collections.defaultdict(list)
+    for name in sorted(os.listdir(logs)):
+        m = re.match(r"seed_(\d+)\.status\.json$", name)
+        if not m:
+            continue
+        seed = int(m.group(1))
+        statuses[seed] = json.load(open(os.path.join(logs, name)))
+        log = os.path.join(logs, f"seed_{seed}.jsonl")
+        if os.path.exists(log):
+            for line in open(log):
+                row = json.loads(line)
+                checks[(row["test"], row["check"], row["what"], row["kind"])].append(
+                    (np.asarray(row["stat"], float), np.asarray(row["limit"], float)))
+    return statuses, checks
+
+
+def _null_summary(rows):
+    z = np.concatenate([s for s, _ in rows])
+    lim = np.concatenate([lim for _, lim in rows])
+    finite = np.isfinite(lim) & np.isfinite(z)
+    z, lim = z[finite], lim[finite]
+    if z.size == 0:
+        return {"kind": "null", "n": 0, "predicted_failure_per_run": 0.0}
+    per_run = float(sum(math.erfc(v / math.sqrt(2)) for v in lim) / len(rows))
+    out = {"kind": "null", "n": int(z.size), "z_mean": float(z.mean()), "z_sd": float(z.std()),
+           "frac_abs_z_gt_2": float(np.mean(np.abs(z) > 2)),
+           "frac_abs_z_gt_3": float(np.mean(np.abs(z) > 3)), "max_abs_z": float(np.abs(z).max()),
+           "predicted_failure_per_run": per_run}
+    if z.size >= 8:
+        out["ks_pvalue"] = float(stats.kstest(z, "norm").pvalue)
+    return out
+
+
+def _margin_summary(kind, rows):
+    stat = np.stack([s for s, _ in rows])
+    lim = np.stack([lim for _, lim in rows])
+    margin = (lim - stat) if kind == "upper" else (stat - lim)  # > 0 passes
+    mu, sd = margin.mean(0), margin.std(0, ddof=1) if len(rows) > 1 else np.zeros(margin.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(sd > 0, mu / sd, np.where(mu > 0, np.inf, -np.inf))
+    p = [0.5 * math.erfc(r / math.sqrt(2)) if np.isfinite(r) else float(r < 0) for r in ratio]
+    if len(rows) < MIN_RUNS:  # too few runs for a normal fit of the margin: no prediction
+        p = [float("nan")]
+    return {"kind": kind, "n": int(margin.size), "min_margin_in_sd": float(np.min(ratio)),
+            "worst_observed_margin": float(margin.min()),
+            "relative_worst_margin": float(np.min(margin / np.maximum(np.abs(lim), 1e-300))),
+            "predicted_failure_per_run": float(np.sum(p))}
+
+
+def summarize(a):
+    statuses, checks = _load(a.logs)
+    seeds = sorted(statuses)
+    failures = collections.Counter(t for s in seeds for t in statuses[s]["failed"])
+    errors = {s: statuses[s]["error"] for s in seeds if "error" in statuses[s]}
+    per_check, per_test = [], collections.defaultdict(lambda: {"predicted": 0.0, "checks": 0})
+    for (test, idx, what, kind), rows in sorted(checks.items()):
+        if kind == "null":
+            row = _null_summary(rows)
+        else:
+            row = _margin_summary(kind, rows)
+        row.update(test=test, check=idx, what=what, runs=len(rows))
+        per_check.append(row)
+        per_test[test]["predicted"] += row["predicted_failure_per_run"]
+        per_test[test]["checks"] += 1
+    pooled = _null_summary([r for (t, i, w, k), rs in checks.items() if k == "null" for r in rs])
+    tests = {}
+    for test in sorted(set(per_test) | set(failures)):
+        pred = per_test[test]["predicted"] if test in per_test else float("nan")
+        tests[test] = {"failures": failures.get(test, 0), "predicted_failure_per_run": pred,
+                       "expected_failures": pred * len(seeds), "checks": per_test[test]["checks"]}
+    fragile = sorted(t for t, v in tests.items()
+                     if v["failures"] > 0 or v["predicted_failure_per_run"] > a.max_rate)
+    z_tail = sorted((c for c in per_check if c["kind"] == "null" and c.get("n", 0) >= 50
+                     and c.get("ks_pvalue", 1.0) < 1e-3), key=lambda c: c["ks_pvalue"])
+    return {
+        "seeds": [seeds[0], seeds[-1]] if seeds else [], "seeds_done": len(seeds),
+        "marker": "statistical" if a.slow else "statistical and not slow", "k": a.k,
+        "test_runs": int(sum(statuses[s]["passed"] + len(statuses[s]["failed"]) for s in seeds)),
+        "tests": len(tests), "failed_runs": int(sum(failures.values())),
+        "expected_failure_rate_per_5sigma_check": PER_CHECK, "max_rate": a.max_rate,
+        "pooled_null_z": pooled, "fragile": fragile,
+        "null_checks_off_normal": [f"{c['test']} #{c['check']} {c['what']}: KS p = "
+                                   f"{c['ks_pvalue']:.1e}, sd(z) = {c['z_sd']:.2f}" for c in z_tail],
+        "per_test": tests, "per_check": per_check, "pytest_errors": errors,
+        "seconds": float(sum(statuses[s]["seconds"] for s in seeds)),
+    }
+
+
+def markdown(rep):
+    """A short table of the tests, worst first, for benchmarks/README.md."""
+    pz = rep["pooled_null_z"]
+    lines = [f"{rep['seeds_done']} seeds ({rep['seeds'][0]}-{rep['seeds'][-1]}), "
+             f"`-m \"{rep['marker']}\"`: {rep['tests']} tests, {rep['test_runs']} test runs, "
+             f"**{rep['failed_runs']} failed**. Pooled z of the unbiasedness checks: "
+             f"n = {pz.get('n', 0)}, mean {pz.get('z_mean', 0):+.3f}, sd {pz.get('z_sd', 0):.3f}, "
+             f"|z| > 2: {100 * pz.get('frac_abs_z_gt_2', 0):.2f}% (theory 4.55%), "
+             f"|z| > 3: {100 * pz.get('frac_abs_z_gt_3', 0):.3f}% (theory 0.270%), "
+             f"max |z| {pz.get('max_abs_z', 0):.2f}.", "",
+             "| test | runs failed | predicted failure / run | tightest check (margin in sd) |",
+             "|---|---|---|---|"]
+    worst = {}
+    for c in rep["per_check"]:
+        if c["kind"] != "null":
+            if c["test"] not in worst or c["min_margin_in_sd"] < worst[c["test"]][0]:
+                worst[c["test"]] = (c["min_margin_in_sd"], c["what"])
+    def rate(item):
+        r = item[1]["predicted_failure_per_run"]
+        return -(1.0 if math.isnan(r) else r)
+
+    order = sorted(rep["per_test"].items(), key=rate)
+    for test, v in order:
+        w = worst.get(test)
+        tight = f"{w[0]:.1f} ({w[1]})" if w else "only unbiasedness checks"
+        lines.append(f"| `{test}` | {v['failures']} | {v['predicted_failure_per_run']:.1e} | "
+                     f"{tight} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=200)
     p.add_argument("--start", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="seeds run at once (one process each)")
+    p.add_argument("--slow", action="store_true", help="include tests marked slow")
     p.add_argument("-k", default=None, help="pytest -k expression")
-    p.add_argument("--files", nargs="*", default=None)
-    p.add_argument("--workers", type=int, default=0, help="pytest-xdist workers per run (-n)")
-    p.add_argument("--out")
+    p.add_argument("--files", nargs="*", default=["tests"])
+    p.add_argument("--out", default=None, help="JSON report (and a .md table beside it)")
+    p.add_argument("--logs", default=None, help="per-seed logs (default: OUT without .json "
+                   "plus .logs/, or ./seed-sweep-logs)")
+    p.add_argument("--cache", default=None, help="XLA compilation cache (default: LOGS/xla)")
+    p.add_argument("--max-rate", type=float, default=1e-4,
+                   help="a test predicted to fail more often than this per run is fragile")
+    p.add_argument("--summarize-only", action="store_true")
     a = p.parse_args(argv)
-    files = [f for f in (a.files or STATISTICAL) if os.path.exists(f)]
-    failures = collections.Counter()
-    runs = collections.Counter()
-    per_check = erfc(5 / sqrt(2))
+    a.logs = os.path.abspath(a.logs or (a.out[:-5] + ".logs" if a.out and a.out.endswith(".json")
+                                        else "seed-sweep-logs"))
+    a.cache = os.path.abspath(a.cache or os.path.join(a.logs, "xla"))
+    os.makedirs(a.cache, exist_ok=True)
 
-    def report(done):
-        return {
-            "seeds_requested": a.seeds, "seeds_done": done, "first_seed": a.start, "files": files,
-            "k": a.k, "expected_failure_rate_per_5sigma_check": per_check,
-            "failures": dict(failures),
-            "failure_rates": {t: c / max(done, 1) for t, c in failures.items()},
-            "runs": dict(runs),
-        }
-
-    def write(rep):  # after every seed, so a run cut short still leaves its results
+    def write(rep):
         if a.out:
-            os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
             with open(a.out + ".tmp", "w") as fh:
-                json.dump(rep, fh, indent=2)
+                json.dump(rep, fh, indent=1)
             os.replace(a.out + ".tmp", a.out)
+            with open(a.out[:-5] + ".md" if a.out.endswith(".json") else a.out + ".md", "w") as fh:
+                fh.write(markdown(rep))
 
-    for i, s in enumerate(range(a.start, a.start + a.seeds)):
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-m", "not slow", "-p",
-               "no:cacheprovider", *files] + (["-k", a.k] if a.k else []) + (
-                   ["-n", str(a.workers)] if a.workers else [])
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env=dict(os.environ, SCOREGRAD_SWEEP_SEED=str(s)))
-        for line in out.stdout.splitlines():
-            m = re.match(r"FAILED (\S+)", line)
-            if m:
-                failures[m.group(1)] += 1
-        summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-200:]
-        m = re.search(r"(\d+) passed", summary)
-        runs["tests_passed"] += int(m.group(1)) if m else 0
-        runs["total"] += 1
-        print(f"seed {s}: {summary}", flush=True)
-        write(report(i + 1))
-    rep = report(a.seeds)
-    print(json.dumps(rep, indent=2))
-    return 1 if failures else 0
+    if not a.summarize_only:
+        seeds = list(range(a.start, a.start + a.seeds))
+        with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+            for seed, res, cached in pool.map(lambda s: run_seed(s, a), seeds):
+                tag = "(done before)" if cached else f"{res['seconds']:.0f} s"
+                print(f"seed {seed}: {res['passed']} passed, {len(res['failed'])} failed "
+                      f"{tag} {' '.join(res['failed'])}", flush=True)
+                if "error" in res:
+                    print(res["error"], file=sys.stderr)
+                write(summarize(a))
+    rep = summarize(a)
+    write(rep)
+    print(markdown(rep))
+    print("fragile:", rep["fragile"] or "none")
+    return 1 if rep["fragile"] or rep["pytest_errors"] else 0
 
 
 if __name__ == "__main__":

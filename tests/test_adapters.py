@@ -63,6 +63,7 @@ def test_categorical_support(x64, lib):
     np.testing.assert_allclose(r.grad, jax.grad(closed)(theta), rtol=1e-10)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("lib", ["numpyro", "distrax"])
 def test_normal_pathwise_closed_form(x64, lib):
     theta = {"loc": jnp.array([0.5, -1.0]), "scale": jnp.array([1.0, 2.0])}

@@ -40,6 +40,7 @@ def test_hits_cap(x64):
     assert bool(a.hit_cap) and int(a.estimate.num_samples) == 1000 and int(a.num_chunks) == 10
 
 
+@pytest.mark.statistical
 def test_unbiased_under_vmap(x64):
     keys = jax.random.split(jax.random.key(2), 64)
     run = jax.jit(jax.vmap(lambda k: sg.estimate_grad_adaptive(

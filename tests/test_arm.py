@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from stats_util import assert_power, assert_unbiased
+from stats_util import assert_below, assert_power, assert_unbiased, variance_ratio
 
 import scoregrad as sg
 from scoregrad._src.estimators.arm import antithetic_pair, arm_gradient, disarm_gradient
@@ -85,6 +85,7 @@ def test_engine_uses_the_pair_of_unit_key(x64, name):
     assert r.num_samples == 4
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("name", ["arm", "disarm"])
 def test_statistically_unbiased(x64, name):
     """One jitted estimate over 100 000 pairs per t (t is traced: one compilation), checked with
@@ -111,22 +112,14 @@ def _per_pair(name, f, logits, keys):
     return jax.jit(jax.vmap(one))(keys)
 
 
-def variance_ratio(a, b):
-    """var(a)/var(b) per coordinate for paired draws, with its delta-method standard error."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    sa, sb = (a - a.mean(0)) ** 2, (b - b.mean(0)) ** 2
-    r = sa.mean(0) / sb.mean(0)
-    se = (sa - r * sb).std(0, ddof=1) / np.sqrt(a.shape[0]) / sb.mean(0)
-    return r, se
-
-
+@pytest.mark.statistical
 @pytest.mark.parametrize("t", [0.45, 0.499])
 def test_disarm_variance_below_arm_common_random_numbers(x64, t):
     logits = jnp.asarray(LOGITS, jnp.float64)
     keys = jax.random.split(jax.random.key(2024), 100_000)  # same keys: same u for both
     ratio, se = variance_ratio(_per_pair("disarm", toy(t), logits, keys),
                                _per_pair("arm", toy(t), logits, keys))
-    assert np.all(ratio + 5 * se < 1.0), (ratio, se)
+    assert_below(ratio + 5 * se, 1.0, what=f"var DisARM / var ARM + 5 SE, t={t}")
 
 
 def test_expectation_gradient_includes_direct_term(x64):

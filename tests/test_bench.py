@@ -64,6 +64,7 @@ NUM_SAMPLES = 100_000
 
 
 # The d = 100 Gaussian problems repeat the d = 1 and d = 10 closed forms coordinatewise: slow.
+@pytest.mark.statistical
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.slow) if n.endswith("_d100") else n for n in ALL_PROBLEMS])
 def test_exact_answer_matches_high_sample_estimate(name, x64):

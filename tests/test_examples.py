@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.scipy.stats import norm
-from stats_util import assert_power, assert_unbiased
+from stats_util import assert_above, assert_below, assert_power, assert_unbiased
 
 import scoregrad as sg
 from scoregrad.examples import finance, rl, vae, vi
@@ -40,6 +40,7 @@ def _check_greeks(mean, se, exact, names, rel_power=0.05):
         assert_power(se[name], rel_power * abs(float(exact[name])), what=name)
 
 
+@pytest.mark.statistical
 def test_likelihood_ratio_greeks_of_the_call_and_digital(x64):
     th = finance.make_theta()
     for product, kind in ((finance.european_call(100.0, 1.0), "call"),
@@ -67,6 +68,7 @@ def test_pathwise_fails_where_it_should_and_mixed_fixes_gamma(x64):
     assert float(dig["delta"]) == 0.0
 
 
+@pytest.mark.statistical
 @pytest.mark.slow
 def test_asian_options_geometric_closed_form_and_arithmetic_consistency(x64):
     th = finance.make_theta()
@@ -100,6 +102,7 @@ def test_finance_bad_arguments():
 # ---------------------------------------------------------------- reinforcement learning
 
 
+@pytest.mark.statistical
 @pytest.mark.slow  # measured 20-30 s per case on 2 cores
 @pytest.mark.parametrize("baseline", [None, "leave_one_out"])
 def test_bandit_policy_gradient_is_unbiased(x64, baseline):
@@ -138,6 +141,7 @@ def test_cartpole_reinforce_improves_the_return():
 # ---------------------------------------------------------------- variational inference
 
 
+@pytest.mark.statistical
 @pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_linear_regression_closed_forms(x64):
     data = vi.load_diabetes()
@@ -162,6 +166,7 @@ def _vi_estimator(name, log_joint):
     return sg.pathwise()
 
 
+@pytest.mark.statistical
 @pytest.mark.slow  # measured 20-30 s per case on 2 cores
 @pytest.mark.parametrize("name", ["score_function[loo]", "pathwise",
                                   pytest.param("score_function[delta]", marks=pytest.mark.slow)])
@@ -178,16 +183,19 @@ def test_linear_regression_elbo_gradient_matches_closed_form(x64, name):
         assert_power(r.stderr[k], 0.2 * scale, what=f"{name}/{k}")
 
 
+@pytest.mark.statistical
 def test_linear_regression_fit_reaches_the_optimum(x64):
     data = vi.load_diabetes()
     res = vi.fit(lambda w: vi.linreg_log_joint(w, data), vi.init_params(10), jax.random.key(8),
                  num_steps=1500, num_samples=16, estimator=sg.pathwise(), learning_rate=0.02)
     opt = vi.linreg_optimum(data)
     gap = vi.linreg_elbo_exact(opt, data) - vi.linreg_elbo_exact(vi.to_theta(res.params), data)
-    assert 0.0 <= float(gap) < 1.0
-    np.testing.assert_allclose(res.params["loc"], opt["loc"], atol=0.02)
+    assert float(gap) >= 0.0  # the optimum is the optimum, whatever the key
+    assert_below(float(gap), 1.0, what="ELBO gap to the optimum")
+    assert_below(np.abs(res.params["loc"] - opt["loc"]), 0.02, what="|loc - optimal loc|")
 
 
+@pytest.mark.statistical
 @pytest.mark.slow
 def test_logistic_regression_training_improves_the_elbo(x64):
     data = vi.load_breast_cancer()
@@ -197,7 +205,8 @@ def test_logistic_regression_training_improves_the_elbo(x64):
                  estimator=sg.score_function(sg.baselines.leave_one_out()), learning_rate=0.02)
     before = vi.elbo_grad(log_joint, vi.to_theta(p0), jax.random.key(10), num_samples=2000)
     after = vi.elbo_grad(log_joint, vi.to_theta(res.params), jax.random.key(10), num_samples=2000)
-    assert float(after.value - before.value) > 5 * float(after.value_stderr + before.value_stderr)
+    assert_above(float(after.value - before.value) / float(after.value_stderr + before.value_stderr),
+                 5.0, what="ELBO improvement in SE")
     assert float(after.value) > -150.0  # from about -480 at the start
     # score function and pathwise agree on the gradient (both unbiased)
     th = vi.to_theta(res.params)
@@ -231,6 +240,7 @@ def test_vae_elbo_is_exact_under_enumeration(x64):
     np.testing.assert_allclose(value, want, rtol=1e-10)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("name", ["RLOO", pytest.param("DisARM", marks=pytest.mark.slow),
                                   pytest.param("RELAX", marks=pytest.mark.slow)])
 def test_vae_encoder_gradients_are_unbiased(x64, name):

@@ -67,12 +67,14 @@ def _check(r, truth, bound, what):
         assert_power(r.stderr[k], bound, what=f"{what}[{k}]")
 
 
+@pytest.mark.statistical
 def test_pathwise_gamma_implicit_reparameterization(x64):
     a, b = jnp.array([0.7, 3.0]), jnp.array([2.0, 0.5])
     r = _pathwise(jnp.sum, sg.families.gamma(), {"concentration": a, "rate": b})
     _check(r, {"concentration": 1 / b, "rate": -a / b**2}, 0.05, "gamma")
 
 
+@pytest.mark.statistical
 @pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_pathwise_beta_dirichlet_exponential(x64):
     a, b = jnp.array([2.0, 0.5]), jnp.array([3.0, 1.5])
@@ -90,6 +92,7 @@ def test_pathwise_beta_dirichlet_exponential(x64):
     assert_power(r.stderr, 0.1, what="exponential")
 
 
+@pytest.mark.statistical
 def test_pathwise_multivariate_normal(x64):
     tril = jnp.array([[1.5, 0.3], [0.4, 0.7]])  # the 0.3 above the diagonal is ignored
     theta = {"loc": jnp.array([0.5, -1.0]), "scale_tril": tril}
@@ -98,6 +101,7 @@ def test_pathwise_multivariate_normal(x64):
     assert float(jnp.abs(r.grad["scale_tril"][0, 1])) == 0.0
 
 
+@pytest.mark.statistical
 @pytest.mark.slow  # measured 20-30 s per case on 2 cores
 def test_score_function_poisson_closed_form(x64):
     lr = jnp.array([0.3, -1.0])

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from stats_util import assert_power, assert_unbiased, replicate_stats
+from stats_util import assert_close_rel, assert_power, assert_unbiased, replicate_stats
 
 import scoregrad as sg
 
@@ -42,6 +42,7 @@ def test_importance_weighted_exact_by_enumeration(x64):
     np.testing.assert_allclose(probs @ g, exact, rtol=1e-10)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("self_normalized", [False, True])
 def test_unbiased_and_honest_stderr(x64, self_normalized):
     keys = jax.random.split(jax.random.key(8), 64)
@@ -54,9 +55,10 @@ def test_unbiased_and_honest_stderr(x64, self_normalized):
     assert_unbiased(m, se, _truth(), atol=0.01 if self_normalized else 0.0, what="IS")
     assert_power(se, 0.1, what="IS")
     spread = np.std(g, axis=0, ddof=1)
-    np.testing.assert_allclose(np.mean(_flat(r.stderr), 0), spread, rtol=0.3)
+    assert_close_rel(np.mean(_flat(r.stderr), 0), spread, 0.3, what="claimed SE vs spread")
 
 
+@pytest.mark.statistical
 @pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_ess_closed_form(x64):
     r = sg.importance.estimate_grad_importance(_f, FAM, _f64(P), proposal=FAM, proposal_theta=_f64(Q),
@@ -64,7 +66,7 @@ def test_ess_closed_form(x64):
     # E_q[w^2] for normals, per coordinate: s_q^2 / (s_p sqrt(2 s_q^2 - s_p^2)) exp((mu_p - mu_q)^2 / (2 s_q^2 - s_p^2))
     sp, sq, mu = (np.asarray(P["scale"]), np.asarray(Q["scale"]), np.asarray(P["loc"] - Q["loc"]))
     ew2 = np.prod(sq**2 / (sp * np.sqrt(2 * sq**2 - sp**2)) * np.exp(mu**2 / (2 * sq**2 - sp**2)))
-    np.testing.assert_allclose(float(r.ess) / 20_000, 1 / ew2, rtol=0.1)
+    assert_close_rel(float(r.ess) / 20_000, 1 / ew2, 0.1, what="ESS / N vs 1 / E_q[w^2]")
     same = sg.importance.estimate_grad_importance(_f, FAM, _f64(P), proposal=FAM, proposal_theta=_f64(P),
                                                   key=jax.random.key(1), num_samples=100)
     np.testing.assert_allclose(float(same.ess), 100.0, rtol=1e-10)

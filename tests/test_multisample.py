@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from stats_util import Z
+from stats_util import Z, assert_below, assert_power
 
 import scoregrad as sg
 from scoregrad._src.base import Model, Params
@@ -116,6 +116,7 @@ def test_public_api_matches_units_on_the_same_draws(x64, make):
     np.testing.assert_allclose(r.value, loss(theta), rtol=1e-12)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("t", [0.45, pytest.param(0.499, marks=pytest.mark.slow)])
 def test_rloo_variance_below_reinforce_common_random_numbers(x64, t):
     """Bernoulli toy E[(b - t)^2]: RLOO-4 and REINFORCE on the SAME draws, 5-SE margin."""
@@ -136,8 +137,8 @@ def test_rloo_variance_below_reinforce_common_random_numbers(x64, t):
     cov = np.cov(np.stack([sa, sb]))
     grad = np.array([1 / sb.mean(), -sa.mean() / sb.mean() ** 2])
     se = float(np.sqrt(grad @ cov @ grad / reps))
-    assert ratio + Z * se < 1.0, (ratio, se)
-    assert se < 0.1
+    assert_below(ratio + Z * se, 1.0, what=f"MSE RLOO / MSE REINFORCE + 5 SE, t={t}")
+    assert_power(se, 0.1, what="SE of the MSE ratio")
 
 
 def test_errors():

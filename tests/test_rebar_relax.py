@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from stats_util import assert_power, assert_unbiased
+from stats_util import assert_below, assert_power, assert_unbiased, variance_ratio
 
 import scoregrad as sg
 from scoregrad._src.estimators.rebar_relax import mlp_cv, rebar_cv, relax_surrogate
@@ -115,6 +115,7 @@ def _train(est, f, theta, steps, n=64):
     return state
 
 
+@pytest.mark.statistical
 @pytest.mark.slow  # ~14 s on 2 cores; test_engine_wiring_matches_surrogate stays in the default set
 def test_statistically_unbiased_before_and_after_learning(x64):
     """t = 0.45 (both t are covered exactly above): one jitted call of 20 000 independent draws
@@ -134,14 +135,7 @@ def test_statistically_unbiased_before_and_after_learning(x64):
     assert float(jnp.abs(state.params["eta"] - 1.0)) > 1e-3  # it did learn
 
 
-def variance_ratio(a, b):
-    """var(a)/var(b) per coordinate for paired draws, with its delta-method standard error."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    sa, sb = (a - a.mean(0)) ** 2, (b - b.mean(0)) ** 2
-    r = sa.mean(0) / sb.mean(0)
-    return r, (sa - r * sb).std(0, ddof=1) / np.sqrt(a.shape[0]) / sb.mean(0)
-
-
+@pytest.mark.statistical
 @pytest.mark.parametrize(
     "est,cv", [(sg.rebar(2.0, 0.0), rebar_cv), (sg.relax(temperature=2.0), mlp_cv)],
     ids=["rebar", "relax"],
@@ -155,7 +149,7 @@ def test_learning_reduces_variance_common_random_numbers(x64, est, cv):
     before = _per_unit(cv, init.params, f, theta, key, 4000)
     after = _per_unit(cv, trained.params, f, theta, key, 4000)
     ratio, se = variance_ratio(after, before)
-    assert np.all(ratio + 5 * se < 1.0), (ratio, se)
+    assert_below(ratio + 5 * se, 1.0, what="var after / var before training + 5 SE")
 
 
 @pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
