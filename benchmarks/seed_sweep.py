@@ -221,6 +221,9 @@ def main(argv=None):
                                         else "seed-sweep-logs"))
     a.cache = os.path.abspath(a.cache or os.path.join(a.logs, "xla"))
     os.makedirs(a.cache, exist_ok=True)
+    os.makedirs(a.logs, exist_ok=True)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
 
     def write(rep):
         if a.out:
