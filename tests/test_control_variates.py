@@ -116,7 +116,7 @@ def test_rao_blackwell_exact_by_enumeration(x64):
 def test_rao_blackwell_reduces_variance(x64):
     d = 8
     theta = {"loc": jnp.linspace(-1.0, 1.0, d), "scale": jnp.ones(d)}
-    keys = jax.random.split(jax.random.key(9), 100)
+    keys = jax.random.split(jax.random.key(9), 200)
 
     def run(est):
         return jax.jit(jax.vmap(lambda k: sg.estimate_grad(

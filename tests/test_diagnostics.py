@@ -34,7 +34,9 @@ def test_fields_and_plain_factor_is_one(x64):
 def test_variance_reduction_factor_matches_measured_ratio(x64):
     """The claimed factor (plain term variance on the same draws) against the variance ratio
     measured over replicates with common random numbers."""
-    keys = jax.random.split(jax.random.key(3), 200)
+    # 1000 replicates: at 200 the measured ratio's spread (about 10%) left the 30% tolerance
+    # 2.4 SDs away (seed sweep).
+    keys = jax.random.split(jax.random.key(3), 1000)
     theta = _theta()
     loo = sg.score_function(baseline=sg.baselines.leave_one_out())
     run = lambda est: jax.jit(jax.vmap(lambda k: sg.estimate_grad(  # noqa: E731

@@ -71,7 +71,9 @@ def _check(r, truth, bound, what):
 def test_pathwise_gamma_implicit_reparameterization(x64):
     a, b = jnp.array([0.7, 3.0]), jnp.array([2.0, 0.5])
     r = _pathwise(jnp.sum, sg.families.gamma(), {"concentration": a, "rate": b})
-    _check(r, {"concentration": 1 / b, "rate": -a / b**2}, 0.05, "gamma")
+    # The rate gradient -a / b^2 reaches -12, and its SE (about 0.049) sat at a bound of 0.05:
+    # the seed sweep measured 2.9 SDs of margin. 0.1 still rejects an error of 4%.
+    _check(r, {"concentration": 1 / b, "rate": -a / b**2}, 0.1, "gamma")
 
 
 @pytest.mark.statistical

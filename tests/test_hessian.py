@@ -78,8 +78,10 @@ def test_hessian_of_expectation_is_unbiased(x64, est_name, case):
     mean, se = replicate_stats(h)
     what = f"hessian, {est_name} on {case}"
     assert_unbiased(mean, se, truth, what=what)
-    # Power: an error of a quarter of the largest entry would be rejected.
-    assert_power(se, 0.25 * np.max(np.abs(truth)) / 5, what=what)
+    # Power: an error of 35% of the largest entry would be rejected. (At 25% the bound sat within
+    # 1-4% of the SE of the scale-scale entry, whose spread over seeds is about 5%: the seed sweep
+    # measured 1.7 SDs of margin. A DiCE term dropped is a 100% error: see the next test.)
+    assert_power(se, 0.35 * np.max(np.abs(truth)) / 5, what=what)
     assert np.allclose(h, np.swapaxes(h, 1, 2), rtol=1e-10, atol=1e-12), "not symmetric"
 
 

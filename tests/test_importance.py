@@ -45,7 +45,9 @@ def test_importance_weighted_exact_by_enumeration(x64):
 @pytest.mark.statistical
 @pytest.mark.parametrize("self_normalized", [False, True])
 def test_unbiased_and_honest_stderr(x64, self_normalized):
-    keys = jax.random.split(jax.random.key(8), 64)
+    # 400 replicates: at 64 the spread over replicates is itself too noisy for a 30% comparison
+    # with the claimed SE (the seed sweep saw it off by 39%).
+    keys = jax.random.split(jax.random.key(8), 400)
     run = jax.jit(jax.vmap(lambda k: sg.importance.estimate_grad_importance(
         _f, FAM, _f64(P), proposal=FAM, proposal_theta=_f64(Q), key=k, num_samples=512,
         self_normalized=self_normalized)))

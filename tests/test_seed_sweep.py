@@ -1,0 +1,90 @@
+"""The seed sweep's bookkeeping: stats_util logs what each check compared, and
+benchmarks/seed_sweep.py turns logs into calibration figures and predicted failure rates that
+match closed forms on synthetic logs."""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import stats_util
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location(
+        "seed_sweep", os.path.join(ROOT, "benchmarks", "seed_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_helpers_log_statistic_and_limit_before_asserting(tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setattr(stats_util, "_LOG", str(log))
+    stats_util.assert_unbiased([1.0, 2.0], [0.5, 0.0], [1.5, 2.0], atol=0.1, what="u")
+    stats_util.assert_power([0.1], 0.2, what="p")
+    with pytest.raises(AssertionError, match="not above"):
+        stats_util.assert_above([1.0, 3.0], 2.0, what="a")  # logged although it fails
+    with pytest.raises(AssertionError, match="no power"):
+        stats_util.assert_rejects([1.0, 1.0], [1.0, 0.0], [2.0, 1.0], what="r")  # distance 1 < 5
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["null", "upper", "lower", "lower"]
+    assert [r["check"] for r in rows] == [1, 2, 3, 4]  # numbered within the test
+    np.testing.assert_allclose(rows[0]["stat"], [-1.0, 0.0])  # z; SE 0 and no error: z = 0
+    np.testing.assert_allclose(rows[0]["limit"][0], 5.0 + 0.1 / 0.5)
+    assert rows[0]["limit"][1] == math.inf
+    np.testing.assert_allclose(rows[2]["stat"], [1.0, 3.0])
+    np.testing.assert_allclose(rows[3]["stat"], [1.0])
+    assert rows[0]["test"].startswith("tests/test_seed_sweep.py::")
+
+
+def _write_seed(logs, seed, rows, failed=()):
+    with open(os.path.join(logs, f"seed_{seed}.jsonl"), "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    with open(os.path.join(logs, f"seed_{seed}.status.json"), "w") as fh:
+        json.dump({"seed": seed, "passed": 3 - len(failed), "failed": list(failed),
+                   "returncode": int(bool(failed)), "seconds": 1.0}, fh)
+
+
+def test_summary_matches_closed_forms_on_synthetic_logs(tmp_path):
+    """Calibrated z passes the KS check, z with sd 1.5 is flagged; a margin with mean 2 sd and
+    a 5-sigma null check get their closed-form failure probabilities."""
+    sweep = _sweep_module()
+    rng = np.random.default_rng(0)  # synthetic data for the summarizer only; no JAX involved
+    logs = str(tmp_path)
+    seeds = 400
+    margin = rng.normal(2.0, 1.0, seeds)
+    for s in range(seeds):
+        rows = [
+            {"test": "t::good", "check": 1, "what": "z", "kind": "null",
+             "stat": rng.normal(size=3).tolist(), "limit": [5.0] * 3},
+            {"test": "t::wide", "check": 1, "what": "z", "kind": "null",
+             "stat": (1.5 * rng.normal(size=3)).tolist(), "limit": [5.0] * 3},
+            {"test": "t::tight", "check": 1, "what": "power", "kind": "upper",
+             "stat": [1.0 - margin[s]], "limit": [1.0]},
+        ]
+        _write_seed(logs, s + 1, rows, failed=["t::tight"] if margin[s] < 0 else [])
+    a = argparse.Namespace(logs=logs, slow=False, k=None, max_rate=1e-4)
+    rep = sweep.summarize(a)
+    checks = {c["test"]: c for c in rep["per_check"]}
+    assert checks["t::good"]["ks_pvalue"] > 1e-3 and abs(checks["t::good"]["z_sd"] - 1) < 0.06
+    assert checks["t::wide"]["ks_pvalue"] < 1e-6
+    assert any(line.startswith("t::wide") for line in rep["null_checks_off_normal"])
+    assert not any(line.startswith("t::good") for line in rep["null_checks_off_normal"])
+    np.testing.assert_allclose(checks["t::good"]["predicted_failure_per_run"],
+                               3 * math.erfc(5 / math.sqrt(2)), rtol=1e-12)
+    # Phi(-2) = 0.0228; the normal fit over 400 seeds estimates mean/sd to about 5%
+    np.testing.assert_allclose(checks["t::tight"]["predicted_failure_per_run"],
+                               0.5 * math.erfc(2 / math.sqrt(2)), rtol=0.35)
+    assert rep["per_test"]["t::tight"]["failures"] == int(np.sum(margin < 0)) > 0
+    # z with sd 1.5 fails a 5-sigma check with probability 2 Phi(-5 / 1.5) per coordinate
+    np.testing.assert_allclose(checks["t::wide"]["predicted_failure_per_run"],
+                               3 * math.erfc(5 / 1.5 / math.sqrt(2)), rtol=0.5)
+    assert {"t::tight", "t::wide"} <= set(rep["fragile"]) and "t::good" not in rep["fragile"]
+    assert rep["seeds_done"] == seeds and "| `t::tight` |" in sweep.markdown(rep)
