@@ -88,3 +88,5 @@ def test_summary_matches_closed_forms_on_synthetic_logs(tmp_path):
                                3 * math.erfc(5 / 1.5 / math.sqrt(2)), rtol=0.5)
     assert {"t::tight", "t::wide"} <= set(rep["fragile"]) and "t::good" not in rep["fragile"]
     assert rep["seeds_done"] == seeds and "| `t::tight` |" in sweep.markdown(rep)
+    assert rep["pooled_null_z"]["checks_tested"] == 2
+    assert rep["pooled_null_z"]["checks_ks_p_below_0.01"] == 1  # the wide one
