@@ -124,12 +124,15 @@ def _null_summary(rows):
     if z.size == 0:
         return {"kind": "null", "n": 0, "predicted_failure_per_run": 0.0}
     # Theory says sd(z) = 1; where the sweep measured a wider z (an understated SE), the
-    # prediction uses the measured spread instead, when significantly above 1 (the sample sd of
-    # n normal z has SE 1 / sqrt(2 n)).
+    # prediction uses the measured spread instead, when significantly above 1: the sample sd of
+    # n independent normal z has SE 1 / sqrt(2 n), and n is the effective number of z (runs
+    # times coordinates over the design effect of the correlated coordinates' z^2).
     sd = float(z.std())
-    spread = sd if z.size >= MIN_NULL and sd > 1 + 3 / math.sqrt(2 * z.size) else 1.0
+    n_eff = _effective_n(z ** 2)
+    spread = sd if n_eff >= MIN_NULL and sd > 1 + 3 / math.sqrt(2 * n_eff) else 1.0
     per_run = float(np.mean(np.sum(np.vectorize(math.erfc)(lim / spread / math.sqrt(2)), 1)))
-    out = {"kind": "null", "n": int(z.size), "coordinates": int(z.shape[1]),
+    out = {"kind": "null", "n": int(z.size), "n_effective": round(n_eff, 1),
+           "coordinates": int(z.shape[1]),
            "z_mean": float(z.mean()), "z_sd": sd,
            "frac_abs_z_gt_2": float(np.mean(np.abs(z) > 2)),
            "frac_abs_z_gt_3": float(np.mean(np.abs(z) > 3)), "max_abs_z": float(np.abs(z).max()),
@@ -138,6 +141,19 @@ def _null_summary(rows):
         p = min(stats.kstest(z[:, c], "norm").pvalue for c in range(z.shape[1]))
         out["ks_pvalue"] = float(min(1.0, p * z.shape[1]))
     return out
+
+
+def _effective_n(v):
+    """Independent-equivalent count of the entries of v (runs x coordinates): runs are
+    independent, coordinates within a run may be correlated (design effect of the run means)."""
+    runs, cols = v.shape
+    if runs < 2 or cols < 2:
+        return float(v.size)
+    within = float(np.var(v, ddof=1))
+    if within == 0:
+        return float(v.size)
+    deff = float(np.var(v.mean(1), ddof=1)) / (within / cols)
+    return float(v.size / min(max(deff, 1.0), cols))
 
 
 def _pooled(null_checks):
