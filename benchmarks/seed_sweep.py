@@ -116,9 +116,7 @@ def _null_summary(rows):
     Seeds are independent, coordinates of one estimate are not: the KS test runs per coordinate
     over seeds, and the check's p-value is the smallest, times the number of coordinates
     (Bonferroni). Spread and tails pool all z (descriptive)."""
-    shape = collections.Counter(np.shape(s) for s, _ in rows).most_common(1)[0][0]
-    z = np.stack([s for s, _ in rows if np.shape(s) == shape])
-    lim = np.stack([lim for s, lim in rows if np.shape(s) == shape])
+    z, lim = _modal(rows)
     used = np.all(np.isfinite(lim), 0) & np.all(np.isfinite(z), 0)  # SE 0 and error 0: no z
     z, lim = z[:, used], lim[:, used]
     if z.size == 0:
@@ -168,18 +166,26 @@ def _pooled(null_checks):
             "checks_tested": len(tested), "checks_ks_p_below_0.01": int(sum(p < 0.01 for p in pvals))}
 
 
+def _modal(rows):
+    """The runs whose statistic has the most common shape (a check may select coordinates by
+    a seed-dependent mask), as (runs x coordinates) arrays of statistic and limit."""
+    shape = collections.Counter(np.shape(s) for s, _ in rows).most_common(1)[0][0]
+    keep = [(s, lim) for s, lim in rows if np.shape(s) == shape]
+    return np.stack([s for s, _ in keep]), np.stack([lim for _, lim in keep])
+
+
 def _margin_summary(kind, rows):
-    stat = np.stack([s for s, _ in rows])
-    lim = np.stack([lim for _, lim in rows])
+    stat, lim = _modal(rows)
     # > 0 passes; relative to the limit, so a limit that changes with the seed (a problem drawn
     # from the key, say) is compared on one scale
     margin = (lim - stat) if kind == "upper" else (stat - lim)
     margin = np.where(lim != 0, margin / np.where(lim != 0, np.abs(lim), 1.0), margin)
-    mu, sd = margin.mean(0), margin.std(0, ddof=1) if len(rows) > 1 else np.zeros(margin.shape[1])
+    mu = margin.mean(0)
+    sd = margin.std(0, ddof=1) if len(margin) > 1 else np.zeros(margin.shape[1])
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(sd > 0, mu / sd, np.where(mu > 0, np.inf, -np.inf))
     p = [0.5 * math.erfc(r / math.sqrt(2)) if np.isfinite(r) else float(r < 0) for r in ratio]
-    if len(rows) < MIN_RUNS:  # too few runs for a normal fit of the margin: no prediction
+    if len(margin) < MIN_RUNS:  # too few runs for a normal fit of the margin: no prediction
         p = [float("nan")]
     return {"kind": kind, "n": int(margin.size), "min_margin_in_sd": float(np.min(ratio)),
             "worst_relative_margin": float(margin.min()),
@@ -298,7 +304,10 @@ def main(argv=None):
                       f"{tag} {' '.join(res['failed'])}", flush=True)
                 if "error" in res:
                     print(res["error"], file=sys.stderr)
-                write(summarize(a))
+                try:  # the running report; a bug in it must not stop the sweep
+                    write(summarize(a))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"summary failed: {exc!r}", file=sys.stderr)
     rep = summarize(a)
     write(rep)
     print(markdown(rep))

@@ -2,6 +2,7 @@ import os
 
 import jax
 import pytest
+import stats_util
 
 # benchmarks/seed_sweep.py reruns the statistical tests with SCOREGRAD_SWEEP_SEED=s: every literal
 # key a test makes is then folded with s, so each run sees independent randomness while the
@@ -30,6 +31,14 @@ if _SWEEP is not None:
         for _fn in (_sg.estimate_grad, _sg.estimate_grad_from_samples, _sg.expectation,
                     _sg.expectation_with_state):
             _fn.__kwdefaults__["nan_policy"] = "propagate"
+
+
+@pytest.fixture(autouse=True)
+def _statistical_marker(request):
+    """Tells tests/stats_util.py whether the running test is marked `statistical`."""
+    stats_util.CURRENT["marked"] = request.node.get_closest_marker("statistical") is not None
+    yield
+    stats_util.CURRENT["marked"] = None
 
 
 @pytest.fixture

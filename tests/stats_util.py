@@ -26,9 +26,18 @@ Z = 5.0
 
 _LOG = os.environ.get("SCOREGRAD_SWEEP_LOG")
 _counter = {"test": None, "n": 0}
+# Set by an autouse fixture in conftest.py: whether the running test is marked `statistical`
+# (None outside a test). A helper called from an unmarked test fails it, so the sweep's
+# selection (-m statistical) cannot silently miss a key-dependent check.
+CURRENT = {"marked": None}
 
 
 def _record(kind, stat, limit, what):
+    if CURRENT["marked"] is False:
+        raise AssertionError(
+            f"{os.environ.get('PYTEST_CURRENT_TEST', 'this test')} calls a statistical check "
+            f"({what!r}) but is not marked @pytest.mark.statistical: mark it, so that "
+            "benchmarks/seed_sweep.py reruns it.")
     if not _LOG:
         return
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]

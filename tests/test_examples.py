@@ -51,6 +51,7 @@ def test_likelihood_ratio_greeks_of_the_call_and_digital(x64):
         _check_greeks(mean, se, exact, finance.GREEKS)
 
 
+@pytest.mark.statistical
 @pytest.mark.slow  # >= 15 s on 2 cores (mostly compile time)
 def test_pathwise_fails_where_it_should_and_mixed_fixes_gamma(x64):
     th = finance.make_theta()

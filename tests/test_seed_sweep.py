@@ -26,6 +26,7 @@ def _sweep_module():
 def test_helpers_log_statistic_and_limit_before_asserting(tmp_path, monkeypatch):
     log = tmp_path / "log.jsonl"
     monkeypatch.setattr(stats_util, "_LOG", str(log))
+    monkeypatch.setitem(stats_util.CURRENT, "marked", None)  # these calls are not a real check
     stats_util.assert_unbiased([1.0, 2.0], [0.5, 0.0], [1.5, 2.0], atol=0.1, what="u")
     stats_util.assert_power([0.1], 0.2, what="p")
     with pytest.raises(AssertionError, match="not above"):
@@ -41,6 +42,12 @@ def test_helpers_log_statistic_and_limit_before_asserting(tmp_path, monkeypatch)
     np.testing.assert_allclose(rows[2]["stat"], [1.0, 3.0])
     np.testing.assert_allclose(rows[3]["stat"], [1.0])
     assert rows[0]["test"].startswith("tests/test_seed_sweep.py::")
+
+
+def test_unmarked_test_calling_a_check_fails(monkeypatch):
+    monkeypatch.setitem(stats_util.CURRENT, "marked", False)  # what conftest sets for this test
+    with pytest.raises(AssertionError, match="not marked @pytest.mark.statistical"):
+        stats_util.assert_power(0.1, 1.0)
 
 
 def _write_seed(logs, seed, rows, failed=()):
