@@ -26,6 +26,7 @@ What is compared with what:
 
     python benchmarks/seed_sweep.py --seeds 200 --jobs 2              # default statistical tests
     python benchmarks/seed_sweep.py --seeds 20 --slow                 # the slow ones too
+    python benchmarks/seed_sweep.py --seeds 20 --marker "statistical and slow"   # only those
     python benchmarks/seed_sweep.py --seeds 20 -k gaussian            # a subset
     python benchmarks/seed_sweep.py --summarize-only --logs DIR       # re-read finished seeds
 
@@ -66,7 +67,7 @@ def run_seed(seed, a):
         return seed, _read_json(status), True
     if os.path.exists(log):
         os.remove(log)  # a seed cut short: run it again from the start
-    marker = "statistical" if a.slow else "statistical and not slow"
+    marker = _marker(a)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-p",
            "no:randomly", "-m", marker, *a.files] + (["-k", a.k] if a.k else [])
     env = dict(os.environ, SCOREGRAD_SWEEP_SEED=str(seed), SCOREGRAD_SWEEP_LOG=log,
@@ -84,6 +85,10 @@ def run_seed(seed, a):
         json.dump(res, fh)
     os.replace(status + ".tmp", status)
     return seed, res, False
+
+
+def _marker(a):
+    return a.marker or ("statistical" if a.slow else "statistical and not slow")
 
 
 def _read_json(path):
@@ -219,7 +224,7 @@ def summarize(a):
                      and c.get("ks_pvalue", 1.0) < 1e-3), key=lambda c: c["ks_pvalue"])
     return {
         "seeds": [seeds[0], seeds[-1]] if seeds else [], "seeds_done": len(seeds),
-        "marker": "statistical" if a.slow else "statistical and not slow", "k": a.k,
+        "marker": _marker(a), "k": a.k,
         "test_runs": int(sum(statuses[s]["passed"] + len(statuses[s]["failed"]) for s in seeds)),
         "tests": len(tests), "failed_runs": int(sum(failures.values())),
         "expected_failure_rate_per_5sigma_check": PER_CHECK, "max_rate": a.max_rate,
@@ -269,6 +274,8 @@ def main(argv=None):
     p.add_argument("--start", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2, help="seeds run at once (one process each)")
     p.add_argument("--slow", action="store_true", help="include tests marked slow")
+    p.add_argument("--marker", default=None,
+                   help='pytest -m expression (e.g. "statistical and slow"); overrides --slow')
     p.add_argument("-k", default=None, help="pytest -k expression")
     p.add_argument("--files", nargs="*", default=["tests"])
     p.add_argument("--out", default=None, help="JSON report (and a .md table beside it)")

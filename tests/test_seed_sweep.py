@@ -77,7 +77,7 @@ def test_summary_matches_closed_forms_on_synthetic_logs(tmp_path):
              "stat": [1.0 - margin[s]], "limit": [1.0]},
         ]
         _write_seed(logs, s + 1, rows, failed=["t::tight"] if margin[s] < 0 else [])
-    a = argparse.Namespace(logs=logs, slow=False, k=None, max_rate=1e-4)
+    a = argparse.Namespace(logs=logs, slow=False, marker=None, k=None, max_rate=1e-4)
     rep = sweep.summarize(a)
     checks = {c["test"]: c for c in rep["per_check"]}
     assert checks["t::good"]["ks_pvalue"] > 1e-3 and abs(checks["t::good"]["z_sd"] - 1) < 0.06
