@@ -97,3 +97,25 @@ def test_summary_matches_closed_forms_on_synthetic_logs(tmp_path):
     assert rep["seeds_done"] == seeds and "| `t::tight` |" in sweep.markdown(rep)
     assert rep["pooled_null_z"]["checks_tested"] == 2
     assert rep["pooled_null_z"]["checks_ks_p_below_0.01"] == 1  # the wide one
+
+
+def test_sweep_end_to_end_on_one_test(tmp_path):
+    """Two seeds of one cheap statistical test through the real pipeline: the seed reaches the
+    keys (different z per seed), every check is logged, and the report counts the runs."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "seed_sweep.py"), "--seeds", "2",
+         "--jobs", "1", "--files", "tests/test_relaxed.py", "-k",
+         "test_binary_concrete_sampler_matches_cdf", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["seeds_done"] == 2 and rep["test_runs"] == 2 and rep["failed_runs"] == 0
+    assert (tmp_path / "sweep.md").exists()
+    logs = tmp_path / "sweep.logs"
+    z = [[json.loads(line)["stat"] for line in (logs / f"seed_{s}.jsonl").read_text().splitlines()]
+         for s in (1, 2)]
+    assert len(z[0]) == 3 and z[0] != z[1]  # three checks per run; the seeds differ
