@@ -54,6 +54,7 @@ from scipy import stats
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PER_CHECK = math.erfc(5 / math.sqrt(2))  # 2 Phi(-5): one coordinate of a 5-sigma check
+Z = 5.0  # the tests' z (tests/stats_util.py)
 MIN_RUNS = 10  # runs of a power or effect-size check before its margin is extrapolated
 MIN_NULL = 50  # z-scores of an unbiasedness check before their spread replaces the theory's 1
 
@@ -123,7 +124,10 @@ def _null_summary(rows):
     (Bonferroni). Spread and tails pool all z (descriptive)."""
     z, lim = _modal(rows)
     used = np.all(np.isfinite(lim), 0) & np.all(np.isfinite(z), 0)  # SE 0 and error 0: no z
-    z, lim = z[:, used], lim[:, used]
+    # The check is |z| <= Z + atol / SE. Fold the atol into the scale, z * Z / limit =
+    # error / (SE + atol / Z): the same pass/fail at limit Z, and a z at rounding level (SE
+    # tiny, atol dominant) shrinks instead of exploding.
+    z, lim = z[:, used] * Z / lim[:, used], np.full(z[:, used].shape, Z)
     if z.size == 0:
         return {"kind": "null", "n": 0, "predicted_failure_per_run": 0.0}
     # Theory says sd(z) = 1; where the sweep measured a wider z (an understated SE), the
@@ -160,8 +164,9 @@ def _effective_n(v):
 
 
 def _pooled(null_checks):
-    """Descriptive figures over all z, and how many checks the KS test rejects at 1%."""
-    z = np.concatenate([np.ravel(s) for rows in null_checks for s, lim in rows
+    """Descriptive figures over all z (atol folded in, as in _null_summary), and how many
+    checks the KS test rejects at 1%."""
+    z = np.concatenate([np.ravel(s * Z / lim) for rows in null_checks for s, lim in rows
                         if np.all(np.isfinite(lim))])
     tested = [c for c in null_checks if len(c) >= 8]
     pvals = [_null_summary(c).get("ks_pvalue", 1.0) for c in tested]
