@@ -80,13 +80,29 @@ def run_seed(seed, a):
     failed = sorted({m.group(1) for m in re.finditer(r"^FAILED (\S+)", out.stdout, re.M)})
     m = re.search(r"(\d+) passed", out.stdout)
     res = {"seed": seed, "passed": int(m.group(1)) if m else 0, "failed": failed,
-           "returncode": out.returncode, "seconds": round(time.time() - t0, 1)}
+           "returncode": out.returncode, "seconds": round(time.time() - t0, 1),
+           "commit": _commit()}
     if out.returncode not in (0, 1):  # 2-5: pytest itself failed (collection, usage): keep it
         res["error"] = (out.stdout + out.stderr)[-2000:]
     with open(status + ".tmp", "w") as fh:
         json.dump(res, fh)
     os.replace(status + ".tmp", status)
     return seed, res, False
+
+
+def _commit():
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=ROOT)
+    return out.stdout.strip() or "unknown"
+
+
+def _environment():
+    import platform
+
+    import jax
+
+    return {"jax": jax.__version__, "python": platform.python_version(),
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs"}
 
 
 def _marker(a):
@@ -245,6 +261,8 @@ def summarize(a):
                                    f"{c['ks_pvalue']:.1e}, sd(z) = {c['z_sd']:.2f}" for c in z_tail],
         "per_test": tests, "per_check": per_check, "pytest_errors": errors,
         "seconds": float(sum(statuses[s]["seconds"] for s in seeds)),
+        "commits": sorted({statuses[s].get("commit", "unrecorded") for s in seeds}),
+        "environment": _environment(),
     }
 
 
