@@ -195,10 +195,12 @@ def test_linear_regression_fit_reaches_the_optimum(x64):
     opt = vi.linreg_optimum(data)
     gap = vi.linreg_elbo_exact(opt, data) - vi.linreg_elbo_exact(vi.to_theta(res.params), data)
     assert float(gap) >= 0.0  # the optimum is the optimum, whatever the key
-    # SGD's last iterate scatters around the optimum: over seeds the gap is 0.04-0.6 nats and
-    # |loc - opt| up to 0.013 (seed sweep), so the limits sit several spreads away.
-    assert_below(float(gap), 2.0, what="ELBO gap to the optimum")
-    assert_below(np.abs(res.params["loc"] - opt["loc"]), 0.03, what="|loc - optimal loc|")
+    # SGD's last iterate scatters around the optimum. Over 200 seeds the gap had median 0.23 and
+    # max 1.92 nats, right-skewed (log-normal fit: sd 0.86 in log), and |loc - opt| reached 0.019
+    # (half-normal, sd 0.005-0.007 per coordinate). Predicted failure rates at these limits:
+    # 2e-5 (gap) and 1e-8 (loc). A limit of 2 nats was hit within 4% (seed sweep).
+    assert_below(float(gap), 8.0, what="ELBO gap to the optimum")
+    assert_below(np.abs(res.params["loc"] - opt["loc"]), 0.04, what="|loc - optimal loc|")
 
 
 @pytest.mark.statistical
