@@ -44,8 +44,7 @@ def _record(kind, stat, limit, what):
     if _counter["test"] != test:
         _counter["test"], _counter["n"] = test, 0
     _counter["n"] += 1
-    stat = np.broadcast_to(np.asarray(stat, np.float64), np.shape(limit) or np.shape(stat))
-    limit = np.broadcast_to(np.asarray(limit, np.float64), stat.shape)
+    stat, limit = np.broadcast_arrays(np.asarray(stat, np.float64), np.asarray(limit, np.float64))
     row = {"test": test, "check": _counter["n"], "what": what, "kind": kind,
            "stat": np.ravel(stat).tolist(), "limit": np.ravel(limit).tolist()}
     with open(_LOG, "a") as fh:  # one short write per check: safe to share between processes
