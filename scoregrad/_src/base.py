@@ -170,10 +170,13 @@ class Baseline(NamedTuple):
 def magic_box(log_prob: jax.Array) -> jax.Array:
     r"""DiCE's magic box :math:`\exp(\tau - \perp\tau)`: value 1, derivative = itself times the score.
 
-    Implemented as a ``custom_jvp`` whose value is exactly one and whose tangent rule calls the box
-    again, so every order of derivative is DiCE's, while the forward pass never evaluates
-    ``log_prob`` itself (only its derivative is used): one pass over the draws fewer than
-    ``exp(lp - stop_gradient(lp))``, which XLA cannot simplify.
+    Implemented as a ``custom_jvp`` whose value is exactly one, so the forward pass never
+    evaluates ``log_prob`` (only its derivative is used). The tangent rule multiplies by DiCE's
+    own box ``exp(lp - stop_gradient(lp))`` (also exactly 1), which JAX differentiates at every
+    order. The rule must not call ``magic_box`` itself: a recursive ``custom_jvp`` loses its
+    higher-order tangents inside ``lax.scan`` (the engine's chunk loop), which made
+    ``jax.hessian`` of :func:`scoregrad.expectation` count only the last chunk
+    (tests/test_hessian_chunks.py).
 
     References:
       Foerster et al., "DiCE: The Infinitely Differentiable Monte Carlo Estimator", ICML 2018.
@@ -184,8 +187,8 @@ def magic_box(log_prob: jax.Array) -> jax.Array:
 @magic_box.defjvp
 def _magic_box_jvp(primals, tangents):
     (log_prob,), (t,) = primals, tangents
-    out = magic_box(log_prob)
-    return out, out * t
+    out = jnp.exp(log_prob - jax.lax.stop_gradient(log_prob))
+    return jnp.ones_like(log_prob), out * t
 
 
 def no_update(state: State, fstats: FStats) -> State:
