@@ -35,9 +35,16 @@ class Model(NamedTuple):
     sample: Callable[..., PyTree]  # sample(theta, key, *consts)
     family: Family
     legacy_key: bool
+    # A stop-gradient reference value subtracted from every f evaluation, for estimators whose
+    # estimate is invariant to a constant added to f (``Estimator.shift_invariant``): centring
+    # keeps float32 sums from cancelling when f carries a large offset. ``None``: no shift.
+    f_shift: Any = None
 
     def eval_f(self, params: Params, x: PyTree) -> jax.Array:
-        return jnp.asarray(self.f(x, *params.f))  # a Python float from a constant f
+        f = jnp.asarray(self.f(x, *params.f))  # a Python float from a constant f
+        if self.f_shift is None:
+            return f
+        return f - jax.lax.stop_gradient(self.f_shift).astype(f.dtype)
 
     def eval_log_prob(self, params: Params, x: PyTree) -> jax.Array:
         return jnp.asarray(self.log_prob(params.theta, x, *params.log_prob))
@@ -56,6 +63,7 @@ class FStats(NamedTuple):
     mean: jax.Array
     m2: jax.Array
     nonfinite: jax.Array
+    units: jax.Array  # units counted (all of them, or the finite ones under nan_policy="drop")
 
 
 class UnitOut(NamedTuple):
@@ -108,6 +116,13 @@ class Estimator(NamedTuple):
         fields depend on the family or on theta's shapes, e.g. ``draws_per_unit`` of
         measure-valued (1 + 2 points per coordinate) or enumeration (the support size). It
         raises ``TypeError``/``ValueError`` for families it cannot handle. ``None``: as built.
+      max_order: the highest derivative order of :func:`scoregrad.expectation` that the
+        surrogate gets right; ``None``: every order (DiCE, pathwise, enumeration). With 1,
+        ``jax.hessian`` of the expectation raises ``ValueError`` instead of returning the zeros
+        of a first-order surrogate.
+      shift_invariant: True if the estimate is exactly unchanged by a constant added to f (a
+        baseline that moves with f: leave-one-out, batch mean, optimal; RLOO). The engine then
+        centres f on a reference value so that float32 sums do not cancel.
     """
 
     name: str
@@ -127,6 +142,8 @@ class Estimator(NamedTuple):
     fitted: tuple = ()
     num_folds: int = 2
     specialize: Optional[Callable[..., "Estimator"]] = None
+    max_order: Optional[int] = None
+    shift_invariant: bool = False
 
 
 class Baseline(NamedTuple):
@@ -152,6 +169,8 @@ class Baseline(NamedTuple):
         draws (cross-fitting, see :attr:`Estimator.fitted`); their ``weights`` entries are ignored.
       uses_draw: True if ``features`` takes the draw: ``features(f_i, state, x_i)`` (a learned
         baseline of a context that the score does not depend on).
+      shift_invariant: True if ``b_i(f + c) = b_i(f) + c`` for every constant c (leave-one-out,
+        batch mean, optimal): the estimator is then unchanged by a constant added to f.
     """
 
     name: str
@@ -164,19 +183,20 @@ class Baseline(NamedTuple):
     stateful: bool = False
     fitted: tuple = ()
     uses_draw: bool = False
+    shift_invariant: bool = False
 
 
 @jax.custom_jvp
 def magic_box(log_prob: jax.Array) -> jax.Array:
     r"""DiCE's magic box :math:`\exp(\tau - \perp\tau)`: value 1, derivative = itself times the score.
 
-    Implemented as a ``custom_jvp`` whose value is exactly one, so the forward pass never
-    evaluates ``log_prob`` (only its derivative is used). The tangent rule multiplies by DiCE's
-    own box ``exp(lp - stop_gradient(lp))`` (also exactly 1), which JAX differentiates at every
-    order. The rule must not call ``magic_box`` itself: a recursive ``custom_jvp`` loses its
-    higher-order tangents inside ``lax.scan`` (the engine's chunk loop), which made
-    ``jax.hessian`` of :func:`scoregrad.expectation` count only the last chunk
-    (tests/test_hessian_chunks.py).
+    Implemented as a ``custom_jvp`` whose value is exactly one, so an undifferentiated forward
+    pass never evaluates ``log_prob``. Under differentiation the rule returns DiCE's own box
+    ``exp(lp - stop_gradient(lp))`` (also exactly 1) as primal and as tangent factor, which JAX
+    differentiates at every order. The rule must not call ``magic_box`` itself: a recursive
+    ``custom_jvp`` loses its higher-order tangents inside ``lax.scan`` (the engine's chunk loop),
+    which made ``jax.hessian`` of :func:`scoregrad.expectation` count only the chunk outside the
+    loop (tests/test_hessian_chunks.py).
 
     References:
       Foerster et al., "DiCE: The Infinitely Differentiable Monte Carlo Estimator", ICML 2018.
@@ -187,8 +207,10 @@ def magic_box(log_prob: jax.Array) -> jax.Array:
 @magic_box.defjvp
 def _magic_box_jvp(primals, tangents):
     (log_prob,), (t,) = primals, tangents
+    # Under differentiation the box is DiCE's own exp(lp - stop_gradient(lp)) (value exactly 1),
+    # as primal and in the tangent, so an outer derivative of either is DiCE's at every order.
     out = jnp.exp(log_prob - jax.lax.stop_gradient(log_prob))
-    return jnp.ones_like(log_prob), out * t
+    return out, out * t
 
 
 def no_update(state: State, fstats: FStats) -> State:
