@@ -1,12 +1,20 @@
-"""mkdocs hooks: the API page from ``scoregrad.__all__`` and the jupytext notebooks as pages.
+"""mkdocs hooks: the API page from ``scoregrad.__all__``, the jupytext notebooks as pages, and
+math rendered to MathML at build time.
 
-Both are generated at build time, so the reference can never miss a public name and the
-rendered notebooks never drift from ``notebooks/*.py``.
+The pages are generated at build time, so the reference can never miss a public name and the
+rendered notebooks never drift from ``notebooks/*.py``. Math (``$...$`` and ``$$...$$``, parsed
+by ``pymdownx.arithmatex`` in generic mode) is converted to MathML with ``latex2mathml`` in
+:func:`on_page_content`, which every current browser renders natively: the built site loads no
+script from a CDN and works offline. Without ``latex2mathml`` installed the TeX source is left
+as it is (readable, unrendered) and the build warns once.
 """
 
 from __future__ import annotations
 
+import html
+import logging
 import pathlib
+import re
 import types
 
 import jupytext
@@ -62,3 +70,35 @@ def on_files(files, config):
         files.append(File.generated(config, f"notebooks/{path.stem}.md",
                                     content=notebook_markdown(path)))
     return files
+
+
+_MATH = re.compile(r'<(span|div) class="arithmatex">\\?(\\\(|\\\[)(.*?)(\\\)|\\\])</\1>',
+                   re.DOTALL)
+_log = logging.getLogger("mkdocs.plugins.scoregrad")
+_warned: list[bool] = []
+
+
+def render_math(page_html: str) -> str:
+    """Replaces arithmatex's generic ``\\(...\\)`` / ``\\[...\\]`` spans by MathML."""
+    try:
+        from latex2mathml.converter import convert
+    except ImportError:
+        if not _warned:
+            _log.warning("latex2mathml is not installed: math is left as TeX source "
+                         "(pip install latex2mathml).")
+            _warned.append(True)
+        return page_html
+
+    def one(m: re.Match) -> str:
+        tex = html.unescape(m.group(3))
+        display = "block" if m.group(2) == "\\[" else "inline"
+        try:
+            return convert(tex, display=display)
+        except Exception:  # noqa: BLE001 - an unsupported macro: keep the source visible
+            return m.group(0)
+
+    return _MATH.sub(one, page_html)
+
+
+def on_page_content(html_text, page, config, files):
+    return render_math(html_text)

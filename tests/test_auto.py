@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import scoregrad as sg
@@ -37,3 +38,40 @@ def test_no_candidates():
     with pytest.raises(ValueError, match="candidates"):
         sg.auto(lambda x: jnp.sum(x), sg.families.bernoulli(), jnp.zeros(1), jax.random.key(0),
                 candidates=[])
+
+
+def test_choice_is_a_function_of_the_key_not_of_timings():
+    theta = {"loc": jnp.ones(2), "scale": jnp.ones(2)}
+    cands = [sg.score_function(), sg.score_function(sg.baselines.leave_one_out()), sg.pathwise()]
+    a = sg.auto(lambda x: jnp.sum(x**2), sg.families.normal(), theta, jax.random.key(3),
+                num_samples=128, candidates=cands)
+    b = sg.auto(lambda x: jnp.sum(x**2), sg.families.normal(), theta, jax.random.key(3),
+                num_samples=128, candidates=cands)
+    assert a.cost == "evaluations" and a.name == b.name == "pathwise"
+    # default cost model: num_samples evaluations of f, no timing at all
+    for ra, rb in zip(a.rows, b.rows, strict=True):
+        assert ra.cost == 128.0 and np.isnan(ra.seconds)
+        assert ra.work_normalized_variance == rb.work_normalized_variance
+        assert ra.work_normalized_variance == ra.total_variance * 128.0
+    assert "evaluations of f" in a.reason
+
+
+def test_time_cost_is_opt_in_and_reports_spread():
+    theta = {"loc": jnp.ones(2), "scale": jnp.ones(2)}
+    rep = sg.auto(lambda x: jnp.sum(x**2), sg.families.normal(), theta, jax.random.key(3),
+                  num_samples=128, candidates=[sg.score_function(), sg.pathwise()],
+                  cost="time", repeats=3)
+    assert rep.cost == "time"
+    for r in rep.rows:
+        assert r.seconds > 0 and r.seconds_iqr >= 0 and r.cost == r.seconds
+    assert rep.name in {"pathwise", "score_function"} and "IQR" in rep.reason
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"cost": "flops"}, "cost"), ({"cost": "time", "repeats": 1}, "repeats >= 3"),
+    ({"repeats": 0}, "repeats"),
+])
+def test_bad_cost_or_repeats(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sg.auto(lambda x: jnp.sum(x), sg.families.bernoulli(), jnp.zeros(1), jax.random.key(0),
+                candidates=[sg.score_function()], **kwargs)

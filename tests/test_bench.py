@@ -13,7 +13,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from stats_util import assert_power, assert_unbiased
 
-from scoregrad.bench import cli, problems, registry, report, runner
+from scoregrad.bench import cli, plots, problems, registry, report, runner
+from scoregrad.bench import stats as bench_stats
 
 ALL_PROBLEMS = problems.problem_names()
 
@@ -134,21 +135,60 @@ def test_summarize_flags_bias_and_checks_stderr():
     exact = np.array([1.0, -2.0])
     g = exact + rng.normal(size=(400, 2))
     s = np.ones((400, 2))
-    ok = runner.summarize(g, s, exact, 1e-3)
-    assert not ok["biased"] and 0.8 < ok["stderr_ratio"] < 1.2
-    assert ok["work_normalized_variance"] == pytest.approx(ok["variance"] * 1e-3)
-    bad = runner.summarize(g + 1.0, s, exact, 1e-3)
-    assert bad["biased"] and bad["bias_z_max"] > 5
+    ok = runner.summarize(g, s, exact, [1e-3, 2e-3, 3e-3], num_samples=10)
+    assert not ok["biased"] and ok["bias_flag"] is None and not ok["stderr_off"]
+    assert 0.8 < ok["stderr_ratio"] < 1.2 and 0 < ok["bias_p"] <= 1
+    assert ok["seconds"] == 2e-3 and ok["seconds_q25"] == 1.5e-3 and ok["seconds_q75"] == 2.5e-3
+    assert ok["work_normalized_variance"] == pytest.approx(ok["variance"] * 2e-3)
+    assert ok["var_x_n"] == pytest.approx(ok["variance"] * 10)
+    bad = runner.summarize(g + 1.0, s, exact, [1e-3], num_samples=10)
+    assert bad["biased"] and bad["bias_t_max"] > bad["bias_threshold"] and bad["bias_p"] < 1e-10
+    assert "bias_norm" not in bad  # a norm is positive even when unbiased: not reported
 
 
-def test_zero_variance_cell_is_not_flagged_for_rounding():
+def test_zero_variance_cell_is_not_flagged_biased_for_rounding():
     exact = np.array([0.0125])
     g = np.full((100, 1), 0.0125 + 3e-9)  # DisARM at phi = 0: every estimate equal, up to rounding
     s = np.zeros((100, 1))
-    flat = runner.summarize(g, s, exact, 1e-3)
+    flat = runner.summarize(g, s, exact, [1e-3])
     assert not flat["biased"]
+    # ... but never silent: |t| is infinite, so the cell says it is at the rounding level
+    assert flat["bias_flag"] == "rounding" and "within rounding" in report.notes(flat)[0]
     # ... and the allowance is ulps, not a blanket: a real offset of 1e-4 is still flagged.
-    assert runner.summarize(g + 1e-4, s, exact, 1e-3)["biased"]
+    assert runner.summarize(g + 1e-4, s, exact, [1e-3])["biased"]
+
+
+def test_bias_threshold_uses_t_with_r_minus_1_dof_and_bonferroni():
+    assert bench_stats.bias_threshold(8, 20) > bench_stats.bias_threshold(100, 20)
+    assert bench_stats.bias_threshold(100, 20) > bench_stats.bias_threshold(100, 1)
+    # Unbiased estimates with R = 8 replicates and P = 20 coordinates: the old fixed |z| > 5 fires
+    # on about 3% of cells; the threshold keeps the false-alarm rate at alpha per cell.
+    rng = np.random.default_rng(1)
+    exact = np.zeros(20)
+    cells = [bench_stats.bias_test(rng.normal(size=(8, 20)), exact, 1e-16) for _ in range(3000)]
+    flagged = sum(c["bias_flag"] is not None for c in cells)
+    old = sum(c["bias_t_max"] > 5 for c in cells)
+    assert flagged <= 12 and old > 50  # alpha = 1e-3: 3 expected; a flag rate of 0.4% is 5 SDs
+
+
+def test_every_cell_above_the_threshold_is_flagged():
+    rng = np.random.default_rng(2)
+    exact = np.ones(3)
+    for shift in np.linspace(0.0, 3.0, 31):
+        g = exact + shift + 0.5 * rng.normal(size=(16, 3))
+        c = bench_stats.bias_test(g, exact, 1e-16)
+        assert (c["bias_flag"] is not None) == (c["bias_t_max"] > c["bias_threshold"])
+
+
+def test_absurd_stderr_ratio_is_flagged():
+    rng = np.random.default_rng(3)
+    exact = np.zeros(2)
+    g = rng.normal(size=(100, 2))
+    honest = runner.summarize(g, np.ones((100, 2)), exact, [1e-3])
+    absurd = runner.summarize(g, 1640 * np.ones((100, 2)), exact, [1e-3])
+    assert not honest["stderr_off"] and absurd["stderr_off"]
+    assert "SE RATIO OFF" in report._row({**absurd, "status": "ok", "estimator": "e",
+                                          "num_samples": 8, "budget": 8})[-1]
 
 
 def test_categorical_relaxations_apply_and_are_measured():
@@ -162,11 +202,54 @@ def test_categorical_relaxations_apply_and_are_measured():
     assert cell["status"] == "ok" and cell["variance"] > 0
 
 
-def test_rank_within_problem_and_budget():
-    cells = [{"problem": "p", "num_samples": 8, "status": "ok", "work_normalized_variance": v}
-             for v in (3.0, 1.0, 2.0)]
+def _cell(v, est="e", budget=8, replicates=100):
+    return {"problem": "p", "budget": budget, "num_samples": budget, "status": "ok",
+            "estimator": est, "replicates": replicates, "var_x_n": v}
+
+
+def test_rank_within_problem_and_budget_with_ties():
+    cells = [_cell(v, f"e{i}") for i, v in enumerate((9.0, 1.0, 3.0, 1.2, 0.0))]
     runner.rank(cells)
-    assert [c["rank"] for c in cells] == [3, 1, 2]
+    # 1.0 and 1.2 are within replicate noise (F test at R = 100): tied; 0 beats everything
+    assert [c["rank"] for c in cells] == [5, 2, 4, 2, 1]
+    assert cells[1]["tied_with"] == ["e3"] and cells[4]["tied_with"] == []
+
+
+def test_ranks_never_depend_on_timings():
+    rng = np.random.default_rng(4)
+    exact = np.zeros(3)
+    gs = [rng.normal(size=(16, 3)) * s for s in (1.0, 1.05, 3.0)]
+    runs = []
+    for seconds in ([1e-3, 1e-3, 1e-3], [9e-3, 1e-4, 5e-2]):  # wildly different timings
+        cells = [{**_cell(None, f"e{i}", replicates=16),
+                  **runner.summarize(g, np.ones_like(g), exact, [seconds[i]] * 3,
+                                     num_samples=8)}
+                 for i, g in enumerate(gs)]
+        runner.rank(cells)
+        runs.append(([c["rank"] for c in cells], report.recommend(cells)[0]["estimator"]))
+    assert runs[0] == runs[1]
+
+
+def test_estimators_with_a_unit_run_at_the_nearest_multiple():
+    assert runner.usable_budget(100, 64, 1) == 128 and runner.usable_budget(10, 64, 1) == 64
+    assert runner.usable_budget(1000, 31, 1) == 992 and runner.usable_budget(3, 1, 4) == 4
+    # every applicable estimator of the default suite gets a usable budget: none is skipped
+    suite = runner.SUITES["default"]
+    planned, _ = runner.plan(suite.problems, registry.estimator_names(), suite.samples)
+    ran = set()
+    for problem, entry, n in planned:
+        est = entry.factory(problem)
+        m = runner.usable_budget(n, est.draws_per_unit, est.min_units)
+        assert m % est.draws_per_unit == 0 and m >= est.min_units * est.draws_per_unit
+        ran.add(entry.name)
+    assert {"measure_valued", "qmc64[pathwise]", "qmc64[score_function]"} <= ran
+
+
+def test_qmc_cell_runs_and_reports_the_n_used():
+    p = problems.get_problem("gauss_square_d1")
+    cell = runner.run_cell(p, registry.get_estimator("qmc64[pathwise]"), 100, 4, jnp.float32)
+    assert cell["status"] == "ok" and cell["budget"] == 100 and cell["num_samples"] == 128
+    assert "ran at N=128" in report._row(cell)[-1]
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
@@ -186,7 +269,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "gauss_square_d1" in printed and "var×s" in printed
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["report.md", "results.json", "variance_vs_samples.png",
+    assert files == ["report.html", "report.md", "results.json", "variance_vs_samples.png",
                      "work_normalized_variance.png"]
     for png in ("variance_vs_samples.png", "work_normalized_variance.png"):
         data = (out / png).read_bytes()
@@ -198,15 +281,23 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert res["settings"]["samples"] == [8, 16] and res["settings"]["replicates"] == 4
     assert {k: res["summary"][k] for k in ("ok", "skipped", "error")} == {
         "ok": 6, "skipped": 0, "error": 0}
+    assert "6 cells in" in printed and "2 plots" in printed
     assert res["summary"]["wall_seconds"] > 0
     assert [(s["problem"], s["estimator"]) for s in res["not_applicable"]] == [
         ("bernoulli_t0.45", "pathwise")]
     for cell in res["cells"]:
-        assert {"problem", "estimator", "num_samples", "bias_norm", "bias_se_norm", "bias_z_max",
-                "variance", "stderr_ratio", "seconds", "work_normalized_variance", "rank"} <= set(cell)
-        assert cell["variance"] > 0 and cell["seconds"] > 0
+        assert {"problem", "estimator", "budget", "num_samples", "bias_t_max", "bias_p",
+                "bias_threshold", "bias_flag", "variance", "stderr_ratio", "stderr_off",
+                "seconds", "seconds_q25", "seconds_q75", "var_x_n", "work_normalized_variance",
+                "rank"} <= set(cell)
+        assert cell["variance"] > 0 and cell["seconds"] > 0 and cell["timings"] >= 3
     md = (out / "report.md").read_text()
     assert "![variance_vs_samples.png](variance_vs_samples.png)" in md and "| pathwise |" in md
+    # the recommendation first, then the plots, then the details; no norm of the bias
+    assert md.index("## Recommendation") < md.index("![") < md.index("## Results")
+    assert "| `gauss_square_d1` | 8 | `" in md and "bias ± SE" not in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "http" not in html
 
 
 def test_rerun_gives_the_same_statistics():
@@ -214,7 +305,9 @@ def test_rerun_gives_the_same_statistics():
     e = registry.get_estimator("score_function")
     a = runner.run_cell(p, e, 8, 4, jnp.float32)
     b = runner.run_cell(p, e, 8, 4, jnp.float32)
-    for k in ("bias_norm", "bias_z_max", "variance", "stderr_ratio"):
+    runner.rank([a])
+    runner.rank([b])
+    for k in ("bias_t_max", "bias_p", "variance", "stderr_ratio", "var_x_n", "rank"):
         assert a[k] == b[k], k
 
 
@@ -256,7 +349,7 @@ def test_unusable_budgets_are_skipped_and_failures_recorded(tmp_path, monkeypatc
         "pairs", lambda problem: registry.get_estimator("score_function").factory(problem)
         ._replace(draws_per_unit=2))
     cell = runner.run_cell(p, pairs, 7, 4, jnp.float32)
-    assert cell["status"] == "skipped" and "multiple of 2" in cell["reason"]
+    assert cell["status"] == "ok" and (cell["budget"], cell["num_samples"]) == (7, 8)
 
     def broken(problem):
         raise RuntimeError("factory exploded")
@@ -266,7 +359,67 @@ def test_unusable_budgets_are_skipped_and_failures_recorded(tmp_path, monkeypatc
     code = cli.main(["bench", "--problems", "bernoulli_t0.45", "--estimators", "broken",
                      "--samples", "8", "--replicates", "2", "--out", str(tmp_path), "--quiet"])
     assert code == 1
-    assert "1 cell(s) failed" in capsys.readouterr().err
+    assert "1 cell failed" in capsys.readouterr().err
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["cells"][0]["status"] == "error" and "factory exploded" in res["cells"][0]["reason"]
     assert (tmp_path / "variance_vs_samples.png").stat().st_size > 0
+
+
+def test_exact_name_is_exact_and_globs_only_with_star_or_question_mark():
+    names = registry.estimator_names()
+    assert problems.select(["antithetic[pathwise]"], names, "estimator") == ["antithetic[pathwise]"]
+    assert problems.select(["qmc64*"], names, "estimator") == [
+        "qmc64[pathwise]", "qmc64[score_function]"]
+    assert problems.select(["antithetic[*"], names, "estimator")[0].startswith("antithetic[")
+    with pytest.raises(ValueError, match="unknown estimator 'antithetic'"):
+        problems.select(["antithetic"], names, "estimator")
+
+
+def test_out_is_checked_before_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "run_suite", lambda *a, **k: pytest.fail("the run started"))
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    argv = ["bench", "--problems", "bernoulli_t0.45", "--estimators", "antithetic[pathwise]",
+            "score_function", "--samples", "8", "--quiet", "--out"]
+    assert cli.main([*argv, str(not_a_folder)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() != 0:
+        locked.chmod(0o500)
+    else:  # root writes anywhere: make the write probe fail as it would for a user
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(cli.tempfile, "TemporaryFile", denied)
+    assert cli.main([*argv, str(locked)]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_python_dash_m_scoregrad_and_plurals():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    root = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "scoregrad", "bench", "--list"],
+                          capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "antithetic[pathwise]" in proc.stdout and "problem patterns" in proc.stdout
+    assert "(1 problem pattern," in proc.stdout  # the full suite: "*"
+    assert cli._plural(1, "cell") == "1 cell" and cli._plural(2, "cell") == "2 cells"
+
+
+def test_plot_styles_are_distinct_per_estimator():
+    names = registry.estimator_names()
+    st = plots.styles(names)
+    assert len({c for c, _ in st.values()}) == len(names)
+    assert len(set(st.values())) == len(names)
+
+
+def test_plots_draw_zero_variance_estimators(tmp_path):
+    cells = [{**_cell(v * n, est, budget=n), "variance": v, "unbiased_by_design": True,
+              "bias_flag": None}
+             for est, v in (("enumerate", 0.0), ("score_function", 2.0), ("arm", 0.5))
+             for n in (10, 100)]
+    names = plots.write_plots(cells, tmp_path)
+    for name in names:
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -50,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmark gradient estimators on problems with exact answers",
         description="Measure bias, variance, standard-error honesty, time per estimate and "
                     "work-normalized variance of every applicable estimator on problems with "
-                    "exact gradients. Writes results.json, PNG plots and report.md to --out.")
+                    "exact gradients, and recommend one per problem and budget. Writes "
+                    "results.json, PNG plots, report.md and report.html to --out.")
     b.add_argument("--suite", choices=sorted(_runner.SUITES), default="default",
                    help="problem set, sample budgets and replicates (default: %(default)s)")
     b.add_argument("--problems", nargs="+", metavar="NAME",
-                   help="problem names or shell globs (default: the suite's); see --list")
+                   help="problem names, or globs with * and ? (default: the suite's); see --list")
     b.add_argument("--estimators", nargs="+", metavar="NAME",
-                   help="estimator names or globs (default: all registered); see --list")
+                   help="estimator names as --list prints them (exact), or globs with * and ? "
+                        "(default: all registered)")
     b.add_argument("--samples", nargs="+", type=_positive_int, metavar="N",
                    help="sample budgets (evaluations of f per estimate; default: the suite's)")
     b.add_argument("--replicates", type=_positive_int, metavar="R",
@@ -113,6 +116,29 @@ def _settings(args) -> dict:
     }
 
 
+def _plural(count: int, noun: str) -> str:
+    """``1 problem pattern``, ``3 problem patterns``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _check_out(out: pathlib.Path) -> None:
+    """Creates ``out`` and checks that a file can be written there, before anything runs."""
+    if out.exists() and not out.is_dir():
+        raise _UsageError(f"--out {out}: exists and is not a folder; choose another with --out.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _UsageError(f"--out {out}: cannot create the output folder ({err}); "
+                          "choose another folder with --out DIR.") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise _UsageError(f"--out {out}: the folder is not writable ({err.strerror or err}); "
+                          "fix its permissions or choose another folder with --out DIR. "
+                          "Nothing was run.") from None
+
+
 def _list() -> str:
     lines = ["problems:"]
     for name in _problems.problem_names():
@@ -123,7 +149,8 @@ def _list() -> str:
         req = f"  requires {sorted(e.requires)}" if e.requires else ""
         lines.append(f"  {e.name:20s} {e.description}{req}")
     lines.append("suites: " + ", ".join(
-        f"{k} ({len(s.problems)} problem patterns, N={list(s.samples)}, R={s.replicates})"
+        f"{k} ({_plural(len(s.problems), 'problem pattern')}, N={list(s.samples)}, "
+        f"R={s.replicates})"
         for k, s in _runner.SUITES.items()))
     return "\n".join(lines)
 
@@ -151,10 +178,7 @@ def _bench(args) -> int:
     settings = _settings(args)
     device = _device(args.device)
     out = pathlib.Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _UsageError(f"--out {out}: cannot create the output folder ({err}).") from None
+    _check_out(out)
     planned, skipped = _runner.plan(settings["problems"], settings["estimators"],
                                     settings["samples"])
     if not planned:
@@ -172,12 +196,13 @@ def _bench(args) -> int:
     names = plots.write_plots(cells, out)
     _report.write_report(out, payload, names)
     print(_report.text_table(cells))
-    print(f"{len(cells)} cells in {payload['summary']['wall_seconds']} s "
+    print(f"{_plural(len(cells), 'cell')} in {payload['summary']['wall_seconds']} s "
           f"({payload['summary']['cpu_seconds']} s CPU); wrote {out / 'results.json'}, "
-          f"{out / 'report.md'} and {len(names)} plots")
+          f"{out / 'report.md'}, {out / 'report.html'} and {_plural(len(names), 'plot')}")
     errors = payload["summary"]["error"]
     if errors:
-        print(f"{PROG} bench: {errors} cell(s) failed; see 'note' above.", file=sys.stderr)
+        print(f"{PROG} bench: {_plural(errors, 'cell')} failed; see 'note' above.",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -28,7 +28,7 @@ Examples:
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -146,15 +146,36 @@ def get_problem(name: str) -> Problem:
     return probs[name]
 
 
+def _glob(pattern: str):
+    """A matcher for a shell-style pattern with ``*`` and ``?`` only (``[`` is literal)."""
+    parts = (".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern)
+    return re.compile("".join(parts)).fullmatch
+
+
 def select(patterns: list[str], names: list[str], what: str) -> list[str]:
-    """Names matching any of ``patterns`` (exact names or shell globs), in registry order.
+    """Names matching any of ``patterns``, in registry order.
+
+    A pattern that is a registered name selects exactly that name (names contain ``[`` and
+    ``]``, e.g. ``antithetic[pathwise]``); otherwise, if it has ``*`` or ``?``, it is a glob
+    where ``*`` matches any run of characters and ``?`` one character (``[`` stays literal).
 
     Raises:
       ValueError: a pattern matches nothing (the message lists the known names).
+
+    Examples:
+      >>> select(["antithetic[pathwise]", "qmc64*"], ["antithetic[pathwise]", "qmc64[pathwise]",
+      ...        "pathwise"], "estimator")
+      ['antithetic[pathwise]', 'qmc64[pathwise]']
     """
     out: list[str] = []
     for pat in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if pat in names:
+            hits = [pat]
+        elif "*" in pat or "?" in pat:
+            match = _glob(pat)
+            hits = [n for n in names if match(n)]
+        else:
+            hits = []
         if not hits:
             raise ValueError(f"unknown {what} {pat!r}; known: {', '.join(names)}")
         out.extend(h for h in hits if h not in out)

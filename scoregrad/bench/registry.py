@@ -24,9 +24,10 @@ simplex, one-hot for an exact draw) and is differentiable in it.
 
 Stateful estimators (``Estimator.stateful``) are warmed up on ``warmup_batches`` batches (their
 state threaded through :func:`scoregrad.estimate_grad`) before they are measured; every replicate
-then starts from that warmed state. Sample budgets the estimator cannot use
-(``num_samples < min_units * draws_per_unit`` or not a multiple of ``draws_per_unit``) are
-skipped with the reason recorded. Names must be unique; per-cell PRNG keys do not depend on the
+then starts from that warmed state. A sample budget the estimator cannot use
+(``num_samples < min_units * draws_per_unit`` or not a multiple of ``draws_per_unit``) is
+run at the nearest usable budget (see :func:`scoregrad.bench.runner.usable_budget`), and the
+report shows the number of samples used. Names must be unique; per-cell PRNG keys do not depend on the
 estimator (common random numbers across estimators), so adding an entry changes no other result.
 
 Examples:
@@ -55,6 +56,8 @@ class EstimatorEntry(NamedTuple):
       excludes: capabilities the problem must not have.
       warmup_batches: batches used to warm up a stateful estimator's state.
       description: one line for reports.
+      unbiased: False for estimators biased by design (relaxations, straight-through): the
+        report never recommends them, whatever the bias test says.
     """
 
     name: str
@@ -63,6 +66,7 @@ class EstimatorEntry(NamedTuple):
     excludes: frozenset = frozenset()
     warmup_batches: int = 5
     description: str = ""
+    unbiased: bool = True
 
 
 def _specialized(est: sg.Estimator, problem: Problem) -> sg.Estimator:
@@ -110,18 +114,21 @@ ESTIMATORS: list[EstimatorEntry] = [
         factory=lambda problem: sg.gumbel_softmax(0.5),
         requires=frozenset({"relaxable"}),
         description="Concrete / Gumbel-softmax relaxation, temperature 0.5 (biased)",
+        unbiased=False,
     ),
     EstimatorEntry(
         name="straight_through",
         factory=lambda problem: sg.straight_through(),
         requires=frozenset({"relaxable"}),
         description="straight-through: hard draw forward, probabilities' gradient back (biased)",
+        unbiased=False,
     ),
     EstimatorEntry(
         name="straight_through_gumbel(0.5)",
         factory=lambda problem: sg.straight_through_gumbel(0.5),
         requires=frozenset({"relaxable"}),
         description="straight-through Gumbel-softmax, temperature 0.5 (biased)",
+        unbiased=False,
     ),
     EstimatorEntry(
         name="rebar",

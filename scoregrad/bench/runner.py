@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import statistics
+import math
 import time
 import zlib
 from collections.abc import Callable
@@ -16,13 +16,12 @@ from jax.flatten_util import ravel_pytree
 import scoregrad as sg
 from scoregrad.bench import problems as _problems
 from scoregrad.bench import registry as _registry
+from scoregrad.bench import stats as _stats
 
 #: The literal root seed of every benchmark key.
 ROOT_SEED = 20240611
-#: |bias| / SE above which a cell is flagged as biased.
-BIAS_Z = 5.0
-#: Ulps (of the gradient's scale, in the estimates' dtype) allowed for rounding in the bias check.
-BIAS_ROUNDING = 64
+#: Timing repeats per cell at least (batches of replicates, re-run when there are fewer).
+MIN_TIMINGS = 3
 
 
 class Suite(NamedTuple):
@@ -89,6 +88,8 @@ def _replicates(problem, est, theta, n, keys, warmup_key, warmup: int):
     """Runs the replicates in equal batches of one compiled program; returns (g, s, seconds).
 
     A stateful estimator is first warmed up; every replicate starts from the warmed state.
+    ``seconds`` holds one time per estimate for each batch (and for re-runs of the first batch
+    when there are fewer than :data:`MIN_TIMINGS` batches), so the spread of timings is known.
     """
     batches = _num_batches(keys.shape[0])
     kb = keys.reshape((batches, -1))
@@ -97,12 +98,13 @@ def _replicates(problem, est, theta, n, keys, warmup_key, warmup: int):
     state = _warm_state(fn, est, theta, warmup, wk)
     jax.block_until_ready(fn(state, kb[0]))  # compile + warm-up
     gs, ss, secs = [], [], []
-    for b in range(batches):
+    for b in range(max(batches, MIN_TIMINGS)):
         t0 = time.perf_counter()
-        g, s, _ = jax.block_until_ready(fn(state, kb[b]))
+        g, s, _ = jax.block_until_ready(fn(state, kb[b % batches]))
         secs.append((time.perf_counter() - t0) / kb.shape[1])
-        gs.append(np.asarray(g, np.float64))
-        ss.append(np.asarray(s, np.float64))
+        if b < batches:
+            gs.append(np.asarray(g, np.float64))
+            ss.append(np.asarray(s, np.float64))
     return np.concatenate(gs), np.concatenate(ss), secs
 
 
@@ -111,65 +113,74 @@ def _finite(x: SupportsFloat) -> float | None:
     return x if np.isfinite(x) else None
 
 
-def bias_atol(exact: np.ndarray, eps: float) -> float:
-    """Rounding allowance of a bias check: ``BIAS_ROUNDING`` ulps of the gradient's scale.
-
-    A zero-variance estimator (DisARM on a symmetric Bernoulli toy, enumeration) has SE 0, and
-    float32 arithmetic alone moves its mean by a few ulps; that is not bias.
-    """
-    return BIAS_ROUNDING * eps * (float(np.abs(exact).max()) + 1.0)
+def timing(seconds: list[float]) -> dict:
+    """Median and interquartile range of the per-estimate timings of a cell."""
+    q25, med, q75 = np.percentile(np.asarray(seconds, np.float64), [25, 50, 75])
+    return {"seconds": _finite(med), "seconds_q25": _finite(q25), "seconds_q75": _finite(q75),
+            "timings": len(seconds)}
 
 
-def summarize(g: np.ndarray, s: np.ndarray, exact: np.ndarray, seconds: float,
-              eps: float = float(np.finfo(np.float32).eps)) -> dict:
+def summarize(g: np.ndarray, s: np.ndarray, exact: np.ndarray, seconds: list[float],
+              eps: float = float(np.finfo(np.float32).eps), num_samples: int | None = None) -> dict:
     """Cell statistics from replicate estimates ``g`` (R, P) and reported stderrs ``s`` (R, P).
 
-    A cell is ``biased`` when some coordinate has ``|bias| > BIAS_Z * SE + atol``
-    (:func:`bias_atol`, from the machine epsilon ``eps`` of the dtype the estimates were made in);
-    ``bias_z_max`` reports ``max |bias| / SE`` (``None`` when a coordinate has zero SE).
+    Bias: the largest per-coordinate |t| = |bias| / SE with its Bonferroni p-value and the
+    flag of :func:`scoregrad.bench.stats.bias_test` (Student t with R − 1 dof, Bonferroni over
+    the P coordinates; ``eps`` is the machine epsilon of the dtype the estimates were made in,
+    for the rounding allowance). SE honesty: :func:`scoregrad.bench.stats.stderr_check`.
+    ``var_x_n`` = variance × ``num_samples`` (evaluations of f; the ranking key, deterministic);
+    ``work_normalized_variance`` = variance × median seconds (measured, for information).
     """
     r = g.shape[0]
-    mean = g.mean(0)
-    var = g.var(0, ddof=1)
-    bias = mean - exact
-    bias_se = np.sqrt(var / r)
-    atol = bias_atol(exact, eps)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.abs(bias) / bias_se
-    total_var = float(var.sum())
-    claimed = float(np.mean(s**2, axis=0).sum())
+    total_var = float(g.var(0, ddof=1).sum())
+    t = timing(seconds)
+    n = num_samples
     return {
-        "bias_norm": _finite(np.linalg.norm(bias)),
-        "bias_se_norm": _finite(np.sqrt(np.sum(bias_se**2))),
-        "bias_z_max": _finite(z.max()),
-        "bias_atol": atol,
-        "biased": bool(np.any(np.abs(bias) > BIAS_Z * bias_se + atol)),
+        **_stats.bias_test(g, exact, eps),
         "variance": _finite(total_var),
-        "stderr_ratio": _finite(np.sqrt(claimed / total_var)) if total_var > 0 else None,
-        "seconds": _finite(seconds),
-        "work_normalized_variance": _finite(total_var * seconds),
+        **_stats.stderr_check(s, total_var, r),
+        **t,
+        "var_x_n": _finite(total_var * n) if n is not None else None,
+        "work_normalized_variance": (_finite(total_var * t["seconds"])
+                                     if t["seconds"] is not None else None),
         "num_params": int(g.shape[1]),
     }
 
 
+def usable_budget(budget: int, draws_per_unit: int, min_units: int) -> int:
+    """The sample budget an estimator runs at: ``budget`` rounded to the nearest multiple of
+    ``draws_per_unit`` (halves up), at least ``min_units * draws_per_unit``.
+
+    Examples:
+      >>> usable_budget(100, 64, 1), usable_budget(10, 31, 1), usable_budget(1000, 4, 1)
+      (128, 31, 1000)
+    """
+    units = max(min_units, int(math.floor(budget / draws_per_unit + 0.5)))
+    return units * draws_per_unit
+
+
 def run_cell(problem, entry, num_samples: int, replicates: int, dtype) -> dict:
-    """Measures one cell; returns a dict with ``status`` "ok", "skipped" or "error"."""
-    cell = {"problem": problem.name, "estimator": entry.name, "num_samples": int(num_samples),
-            "replicates": int(replicates)}
+    """Measures one cell; returns a dict with ``status`` "ok" or "error".
+
+    ``budget`` is the requested number of evaluations of f; ``num_samples`` the number used,
+    :func:`usable_budget` (an estimator that draws in units of several samples runs at the
+    nearest multiple). The key depends on the problem and the budget only (common random
+    numbers across estimators).
+    """
+    cell = {"problem": problem.name, "estimator": entry.name, "budget": int(num_samples),
+            "num_samples": int(num_samples), "replicates": int(replicates),
+            "unbiased_by_design": entry.unbiased}
     try:
         est = entry.factory(problem)
-        need = est.min_units * est.draws_per_unit
-        if num_samples < need or num_samples % est.draws_per_unit:
-            why = f"needs num_samples >= {need} and a multiple of {est.draws_per_unit}"
-            return {**cell, "status": "skipped", "reason": why}
+        n = usable_budget(num_samples, est.draws_per_unit, est.min_units)
+        cell["num_samples"] = n
         theta = _cast(problem.theta, dtype)
         key = cell_key(problem.name, num_samples)
         keys = jax.random.split(key, replicates)
         warmup_key = jax.random.fold_in(key, 1_000_000)
-        g, s, secs = _replicates(problem, est, theta, num_samples, keys, warmup_key,
-                                 entry.warmup_batches)
-        stats = summarize(g, s, _problems.flat(problem.exact_grad), statistics.median(secs),
-                          float(jnp.finfo(dtype).eps))
+        g, s, secs = _replicates(problem, est, theta, n, keys, warmup_key, entry.warmup_batches)
+        stats = summarize(g, s, _problems.flat(problem.exact_grad), secs,
+                          float(jnp.finfo(dtype).eps), n)
         return {**cell, "status": "ok", **stats}
     except Exception as err:  # noqa: BLE001 - a failing cell must not stop the suite
         return {**cell, "status": "error", "reason": f"{type(err).__name__}: {err}"}
@@ -193,14 +204,9 @@ def plan(problem_names, estimator_names, samples) -> tuple[list, list]:
 
 
 def rank(results: list[dict]) -> None:
-    """Adds ``rank`` (1 = lowest work-normalized variance) within each (problem, num_samples)."""
-    groups: dict[Any, list] = {}
-    for c in results:
-        if c["status"] == "ok" and c["work_normalized_variance"] is not None:
-            groups.setdefault((c["problem"], c["num_samples"]), []).append(c)
-    for group in groups.values():
-        for i, c in enumerate(sorted(group, key=lambda c: c["work_normalized_variance"])):
-            c["rank"] = i + 1
+    """Ranks within each (problem, budget) by variance × evaluations of f, ties shared
+    (:func:`scoregrad.bench.stats.rank`); never by timings."""
+    _stats.rank(results)
 
 
 def run_suite(cells, replicates: int, dtype, progress: Callable = lambda it, **kw: it) -> list:
