@@ -1,10 +1,11 @@
 r"""Control variates with known expectation, the delta method, and Rao-Blackwellization.
 
 A control variate is a function :math:`h(x;\theta)` with a known mean
-:math:`\mu(\theta) = \mathbb{E}_{p(x;\theta)}[h(x;\theta)]`. Its gradient estimate (score function:
-:math:`h\,\nabla\log p + \nabla_\theta h`; pathwise: :math:`\nabla_\theta h(g(\theta,\epsilon))`)
-minus :math:`\nabla\mu` has expectation zero for every theta, so any multiple of it can be
-subtracted from a gradient estimator without bias. :func:`with_control_variates` adds them to
+:math:`\mu(\theta) = \mathbb{E}_{p(x;\theta)}[h(x;\theta)]`. Its gradient estimate by the
+wrapped estimator itself, on the same draws (score function: :math:`h\,\nabla\log p +
+\nabla_\theta h`; pathwise: :math:`\nabla_\theta h(g(\theta,\epsilon))`; measure-valued, REBAR,
+ARM, ...: their estimate for h), minus :math:`\nabla\mu` has expectation zero for every theta
+when that estimator is unbiased, so any multiple of it can be subtracted without bias. :func:`with_control_variates` adds them to
 an estimator with coefficients fitted per parameter coordinate on other draws (cross-fitting,
 :mod:`scoregrad._src.fitted`), so the result stays unbiased; several at once are fitted jointly
 by per-coordinate least squares.
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from scoregrad._src.base import Estimator, FStats, UnitOut, magic_box, no_update
+from scoregrad._src.estimators import traits
 from scoregrad._src.estimators.score import score_function
 
 PyTree = Any
@@ -155,20 +157,42 @@ def delta_method(f: Callable, *, order: int = 2, moments: tuple | None = None) -
     return ControlVariate(f"delta{order}", None, None, resolve)
 
 
-def _cv_term(cv: ControlVariate, model, params, x, pathwise: bool):
+def _resolved(cv: ControlVariate, family) -> ControlVariate:
     if cv.resolve is not None:
-        cv = cv.resolve(model.family)
-    h_fn, mean_fn = cv.h, cv.mean
-    if h_fn is None or mean_fn is None:  # only a `resolve` control variate leaves them unset
+        cv = cv.resolve(family)
+    if cv.h is None or cv.mean is None:  # only a `resolve` control variate leaves them unset
         raise TypeError(
             f"control variate {cv.name!r} has no h or mean; build it with "
             "sg.control_variates.control_variate(h, mean)."
         )
-    h = h_fn(x, params.theta)
-    mu = mean_fn(params.theta)
-    if pathwise:
-        return (h - mu).astype(h.dtype)
-    return magic_box(model.eval_log_prob(params, x)) * h - mu
+    return cv
+
+
+def _on_integrand(model, params, h):
+    """``(model, params)`` whose integrand is ``h(x, theta)``, everything else unchanged.
+
+    theta reaches h through ``params.f``, so a direct dependence of h on theta is differentiated
+    like one of f. A reference shift of f (``Model.f_shift``, if the engine set one) is not
+    applied to h: the control-variate terms stay independent of f.
+    """
+    fields: dict[str, Any] = {"f": lambda y, th: h(y, th)}
+    if "f_shift" in model._fields:
+        fields["f_shift"] = None
+    return model._replace(**fields), params._replace(f=(params.theta,))
+
+
+def _cv_term(inner: Estimator, cv: ControlVariate, model, params, key, x, state):
+    """``inner`` applied to h on the same draws (same ``key`` / ``x``), minus h's known mean.
+
+    Term 0 of an estimator is, by the contract of ``GradEstimate.variance_reduction``, the
+    estimator without its zero-mean auxiliary terms; for an estimator unbiased for every
+    integrand its gradient has mean grad E[h], so the term's gradient has mean zero.
+    """
+    cv = _resolved(cv, model.family)
+    assert cv.h is not None and cv.mean is not None  # _resolved raised otherwise
+    model_h, params_h = _on_integrand(model, params, cv.h)
+    term = inner.unit(model_h, params_h, key, x, state).terms[0]
+    return term - jnp.asarray(cv.mean(params.theta)).astype(term.dtype)
 
 
 def with_control_variates(
@@ -177,33 +201,57 @@ def with_control_variates(
     coefficient: str | float = "optimal",
     num_folds: int = 2,
 ) -> Estimator:
-    r"""Adds control variates to a one-draw estimator (score function or pathwise).
+    r"""Adds control variates to an unbiased estimator.
 
-    For each control variate the estimator gains the zero-mean term
-    :math:`\nabla[\boxdot(\log p)\, h - \mu]` (score function) or :math:`\nabla[h(x(\theta)) -
-    \mu]` (pathwise, when ``estimator`` differentiates through the sampler), weighted by
-    ``-coefficient``. With ``coefficient="optimal"`` the coefficients of all control variates
+    A control variate h with known mean :math:`\mu(\theta)` is the wrapped estimator itself
+    applied to h **on the same draws** (the same unit key, hence the same samples and the same
+    auxiliary noise), minus :math:`\nabla\mu`: for the score function
+    :math:`\nabla[\boxdot(\log p)\, h - \mu]`, for pathwise :math:`\nabla[h(x(\theta)) - \mu]`,
+    for measure-valued the weak derivative of h at the same coupled points, for REBAR/RELAX,
+    ARM/DisARM, RLOO, IndeCateR and enumeration their own estimate for h. Because the estimator
+    is unbiased for every integrand, each such term has mean zero and any multiple of it can be
+    subtracted; it helps where h tracks f on the same draws. Each is weighted by
+    ``-coefficient``; with ``coefficient="optimal"`` the coefficients of all control variates
     (and of any fitted baseline of ``estimator``) are fitted jointly, per parameter coordinate,
     to minimise the variance, each fold of ``num_folds`` using coefficients fitted on the others:
     **unbiased**. Needs per-draw gradients (like :func:`scoregrad.baselines.optimal`).
     ``jax.hessian`` of :func:`scoregrad.expectation` stays unbiased for score-function bases.
 
+    * **Needs from h**: what the wrapped estimator needs from f (pathwise: differentiable in x;
+      REBAR/RELAX: defined on [0, 1]^d, where they evaluate it at relaxed points).
+    * **Refused** (``TypeError``): estimators that are biased or estimate another objective
+      (``gumbel_softmax``, ``straight_through``, ``straight_through_gumbel``, ``vimco``,
+      :func:`rao_blackwell`): applied to h their mean is not :math:`\nabla\mu`, so the control
+      variate would add bias instead of removing variance.
+    * A wrapped estimator bound to the family at call time (``measure_valued``, ``enumerate``,
+      ``indecater``: ``Estimator.specialize``) is bound first and the control variates
+      re-applied, so binding never drops them.
+
     Args:
-      estimator: default :func:`scoregrad.score_function`; must draw one sample per unit.
+      estimator: default :func:`scoregrad.score_function`; any estimator unbiased for
+        :math:`\nabla\,\mathbb E[f]` for every f.
       *cvs: :class:`ControlVariate` values (:func:`control_variate`, :func:`delta_method`).
       coefficient: ``"optimal"`` or a fixed float c (the estimate subtracts c times each).
       num_folds: folds for the cross-fitted coefficients (>= 2).
 
     Returns:
       An :class:`~scoregrad.Estimator`.
+
+    Raises:
+      TypeError: a wrapped estimator that is biased or estimates another objective; arguments
+        of the wrong kind.
     """
     inner = score_function() if estimator is None else estimator
     if not isinstance(inner, Estimator):
         raise TypeError(f"with_control_variates(estimator=...) must be an Estimator; got {inner!r}.")
-    if inner.draws_per_unit != 1:
+    why = traits.not_unbiased(inner)
+    if why is not None:
         raise TypeError(
-            f"with_control_variates: {inner.name} draws {inner.draws_per_unit} samples per unit; "
-            "control variates compose with one-draw estimators (score function, pathwise)."
+            f"with_control_variates(estimator={inner.name}): {why}. A control variate is the "
+            "estimator applied to h minus the gradient of h's known mean, which has mean zero "
+            "only for an estimator unbiased for every integrand; here it would add bias. Wrap an "
+            "unbiased estimator (sg.score_function, sg.pathwise, sg.measure_valued, sg.rebar, "
+            "sg.relax, sg.arm, sg.disarm, sg.rloo, sg.indecater) instead."
         )
     if not cvs or not all(isinstance(c, ControlVariate) for c in cvs):
         raise TypeError(
@@ -215,21 +263,23 @@ def with_control_variates(
         raise TypeError(f"coefficient must be 'optimal' or a float; got {coefficient!r}.")
     if not isinstance(num_folds, int) or num_folds < 2:
         raise ValueError(f"num_folds must be an int >= 2; got {num_folds!r}.")
-    pathwise, k_in, m = inner.needs_key, inner.num_terms, len(cvs)
+    k_in, m = inner.num_terms, len(cvs)
 
     def unit(model, params, key, x, state):
-        if x is None and not pathwise:
-            x = jax.lax.stop_gradient(model.draw(params, key))
-            key = None
         out = inner.unit(model, params, key, x, state)
-        xd = model.draw(params, key) if pathwise else x
-        extra = jnp.stack([_cv_term(c, model, params, xd, pathwise) for c in cvs])
+        extra = jnp.stack([_cv_term(inner, c, model, params, key, x, state) for c in cvs])
         return UnitOut(jnp.concatenate([out.terms, extra.astype(out.terms.dtype)]), out.fvals)
 
     def weights(fstats: FStats, state, n):
         w = inner.weights(fstats, state, n).astype(fstats.mean.dtype)
         fill = 0.0 if optimal else -float(coefficient)
         return jnp.concatenate([w, jnp.full((m,), fill, fstats.mean.dtype)])
+
+    def specialize(family, theta):  # bind the inner estimator, then re-apply the wrapper
+        assert inner.specialize is not None
+        return with_control_variates(
+            inner.specialize(family, theta), *cvs, coefficient=coefficient, num_folds=num_folds
+        )
 
     fitted = tuple(inner.fitted) + (tuple(range(k_in, k_in + m)) if optimal else ())
     return inner._replace(
@@ -240,6 +290,7 @@ def with_control_variates(
         min_units=max(inner.min_units, 2 * num_folds if fitted else 1),
         fitted=fitted,
         num_folds=num_folds if fitted else inner.num_folds,
+        specialize=None if inner.specialize is None else specialize,
     )
 
 
@@ -328,6 +379,11 @@ def rao_blackwell(
         terms = [t0, jnp.sum(1.0 - boxes)] if baseline else [t0]
         return UnitOut(jnp.stack(terms), jax.lax.stop_gradient(f)[None])
 
+    traits.mark_not_unbiased(
+        unit, "rao_blackwell's gradient terms come from f_terms, not from the integrand, so "
+        "applied to h it does not estimate grad E[h] (add control variates to "
+        "sg.score_function() instead, or fold them into f_terms)"
+    )
     k = 2 if baseline else 1
     return Estimator(
         name="rao_blackwell" + ("[optimal]" if baseline else ""),

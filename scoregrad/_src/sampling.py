@@ -29,8 +29,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from scoregrad._src.base import Estimator, UnitOut
+from scoregrad._src.estimators import traits
 from scoregrad._src.estimators.score import score_function
 
 PyTree = Any
@@ -139,15 +141,71 @@ def _float_dtype(theta):
     return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
 
 
+_DESIGNED = (
+    "Sampling designs apply to estimators whose only randomness is the family's draw: "
+    "sg.score_function (with a baseline from past draws or sg.baselines.optimal()), "
+    "sg.pathwise(), sg.straight_through(), and control variates of those"
+)
+
+
+def _reads_key(fn, key) -> bool:
+    """Whether ``fn(key)``'s outputs depend on the key's bits (trace-time dataflow on the jaxpr).
+
+    Conservative: an equation with a key-dependent input makes all its outputs dependent, also
+    for equations holding nested jaxprs (``jit``, ``custom_jvp``, ``scan``, ...).
+    """
+    impl = jax.random.key_impl(key)
+    closed = jax.make_jaxpr(lambda d: fn(jax.random.wrap_key_data(d, impl=impl)))(
+        jax.random.key_data(key)
+    )
+    jaxpr = closed.jaxpr
+    dep = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, jcore.Var) and v in dep for v in eqn.invars):
+            dep.update(eqn.outvars)
+    return any(isinstance(v, jcore.Var) and v in dep for v in jaxpr.outvars)
+
+
+def _check_only_the_draw(name, inner, model, params, key, state, tr, shape, dtype):
+    """Refuses an estimator that draws noise of its own from the unit key (trace time).
+
+    A design reaches the unit only through the family's sampler (``transform(theta, u)``);
+    noise the estimator draws from its key (logistic/Gumbel noise of the relaxations and REBAR,
+    the weak derivative's extra points, an importance proposal) would be shared by the coupled
+    draws of a unit: it costs ``per_unit`` evaluations and the coupling never reaches it.
+    """
+    u0 = jnp.full(shape, 0.5, dtype)
+    fixed = model._replace(sample=lambda th, k, *consts: tr(th, u0))
+
+    def terms(k):
+        out = inner.unit(fixed, params, k, None, state)
+        return out.terms, out.fvals
+
+    if _reads_key(terms, key):
+        raise TypeError(
+            f"{name}: {inner.name} draws noise of its own from the unit key (not through the "
+            "family's sampler), which the design cannot reach: its coupled draws would share "
+            f"that noise (a larger standard error at equal cost). {_DESIGNED}. For "
+            f"{inner.name}, use it without a sampling design."
+        )
+
+
 def _coupled(inner, name, per_unit, noise, transform, dim):
-    """A unit of ``per_unit`` draws ``transform(theta, u_m)`` with ``u = noise(key, D, dtype)``."""
+    """A unit of ``per_unit`` draws ``transform(theta, u_m)`` with ``u = noise(key, D, dtype)``.
+
+    ``inner`` bound to the family at call time (``specialize``) is bound first and the design
+    re-applied, so binding never drops the design.
+    """
     if inner is None:
         inner = score_function()
     if not isinstance(inner, Estimator):
         raise TypeError(f"{name}(estimator=...) must be a scoregrad Estimator; got {inner!r}.")
     if inner.draws_per_unit != 1:
-        raise TypeError(f"{name}: {inner.name} already couples {inner.draws_per_unit} draws per "
-                        "unit; wrap a one-draw estimator (score function, pathwise).")
+        raise TypeError(
+            f"{name}: {inner.name} evaluates f {inner.draws_per_unit} times per unit (coupled "
+            "draws, enumerated or weak-derivative points), which a design of independent-looking "
+            f"draws cannot couple. {_DESIGNED}; use {inner.name} without a sampling design."
+        )
     if inner.min_units > 1 and not inner.fitted:
         raise TypeError(
             f"{name}: {inner.name} uses the other draws of the batch as its baseline, which would "
@@ -163,8 +221,10 @@ def _coupled(inner, name, per_unit, noise, transform, dim):
         theta = params.theta
         tr = transform if transform is not None else builtin_transform(model.family)
         shape = (dim,) if dim is not None else _noise_shape(model.family, theta)
+        dtype = _float_dtype(theta)
+        _check_only_the_draw(name, inner, model, params, key, state, tr, tuple(shape), dtype)
         size = int(np.prod(shape, dtype=int))
-        us = noise(key, size, _float_dtype(theta)).reshape((per_unit,) + tuple(shape))
+        us = noise(key, size, dtype).reshape((per_unit,) + tuple(shape))
 
         def one(u):
             m = model._replace(sample=lambda th, k, *consts: tr(th, u))
@@ -173,13 +233,18 @@ def _coupled(inner, name, per_unit, noise, transform, dim):
         outs = jax.vmap(one)(us)
         return UnitOut(jnp.mean(outs.terms, axis=0), outs.fvals.reshape(-1))
 
+    def specialize(family, theta):  # bind the inner estimator, then re-apply the design
+        assert inner.specialize is not None
+        return _coupled(inner.specialize(family, theta), name, per_unit, noise, transform, dim)
+
     return inner._replace(
         name=f"{name}[{inner.name}]",
-        unit=unit,
+        unit=traits.carry(unit, inner),
         draws_per_unit=per_unit,
         min_units=max(inner.min_units, 1),
         needs_key=True,
         presample=False,  # the unit draws its own coupled noise from the key
+        specialize=None if inner.specialize is None else specialize,
     )
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoregrad._src.base import Estimator, UnitOut, magic_box, single_term
+from scoregrad._src.estimators.traits import mark_not_unbiased
 
 
 def _check_k(k, name: str, arg: str) -> int:
@@ -172,4 +173,6 @@ def vimco(num_particles: int) -> Estimator:
         term = magic_box(jnp.sum(lp)) * value + jnp.sum((1.0 - box_k) * base)
         return UnitOut(term[None], jax.lax.stop_gradient(value)[None])
 
+    mark_not_unbiased(unit, f"vimco({k}) estimates the gradient of the log-mean-exp bound, not "
+                      "of E[f]")
     return _estimator(f"vimco({k})", unit, k)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src.base import Estimator, UnitOut, single_term
+from scoregrad._src.estimators.traits import mark_not_unbiased
 from scoregrad._src.family import Family
 
 KINDS = ("bernoulli", "categorical")
@@ -221,6 +222,10 @@ def relaxed_categorical(temperature: float) -> Family:
 
 
 def _estimator(name, unit, check, needs_key) -> Estimator:
+    # Every estimator here is biased: applied to a control variate h it does not estimate
+    # grad E[h], so with_control_variates refuses it (scoregrad._src.estimators.traits).
+    mark_not_unbiased(unit, f"{name} is biased (the mean of its gradient is not the gradient "
+                      "of E[f])")
     return single_term(
         name,
         unit,
