@@ -95,6 +95,11 @@ def _check_logits(theta, who, min_ndim=0):
             f"families.{who}(): theta must have a trailing axis of K categories; got shape "
             f"{jnp.shape(theta)}. Use e.g. jnp.zeros((K,))."
         )
+    if min_ndim and jnp.shape(theta)[-1] < 1:
+        raise ValueError(
+            f"families.{who}(): theta must have a trailing axis of K >= 1 categories; got shape "
+            f"{jnp.shape(theta)} (no categories to draw from). Use e.g. jnp.zeros((K,))."
+        )
 
 
 def _bernoulli_sample(logits, key):

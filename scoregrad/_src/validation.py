@@ -191,6 +191,7 @@ def check_state(state: Any, est: Any, theta: Any) -> None:
     got: Any = jax.tree_util.tree_structure(state)
     want: Any = jax.tree_util.tree_structure(expected)
     if got == want:
+        _check_state_shapes(state, expected, est)
         return
     if want == jax.tree_util.tree_structure(()):
         raise TypeError(
@@ -201,6 +202,20 @@ def check_state(state: Any, est: Any, theta: Any) -> None:
         f"`state` has structure {got}, but estimator {est.name} expects {want}. Start from "
         "state = estimator.init(theta) and pass the state each call returns."
     )
+
+
+def _check_state_shapes(state: Any, expected: Any, est: Any) -> None:
+    """Leaves of ``state`` must have the shapes of ``est.init(theta)`` (a state built for
+    another theta has the right structure but other shapes)."""
+    paths = jax.tree_util.tree_leaves_with_path(expected)
+    for (path, want), got in zip(paths, jax.tree_util.tree_leaves(state)):
+        if tuple(jnp.shape(got)) != tuple(want.shape):
+            raise ValueError(
+                f"`state` has a leaf `state{jax.tree_util.keystr(path)}` of shape "
+                f"{tuple(jnp.shape(got))}, but estimator {est.name} expects {tuple(want.shape)} "
+                "for this theta: was the state built for another theta? Start from "
+                "state = estimator.init(theta) and pass the state each call returns."
+            )
 
 
 def check_samples(samples: Any, draw_struct: Any) -> None:
