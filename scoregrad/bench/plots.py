@@ -37,14 +37,20 @@ def _save(fig, path: pathlib.Path) -> None:
 
 
 def _log_ticks(ax, axis: str) -> None:
-    """Log axis with labelled ticks: decades when the range spans several, else 1-2-5 steps."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    """Log axis with labelled ticks: decades when the range spans several, else 1-2-5 steps
+    (every integer step when it spans less than a decade, evenly spaced values when it spans a
+    fraction of one), so every panel has several."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     a = ax.xaxis if axis == "x" else ax.yaxis
     lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
     decades = math.log10(max(hi, 1e-300) / max(lo, 1e-300))
-    if decades < 2.5:
-        a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    if decades < 0.6:  # too narrow for log steps: evenly spaced values
+        a.set_major_locator(MaxNLocator(nbins=4))
+        a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    elif decades < 2.5:
+        subs = tuple(range(1, 10)) if decades < 1.0 else (1.0, 2.0, 5.0)
+        a.set_major_locator(LogLocator(base=10, subs=subs))
         a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     else:
         a.set_major_locator(LogLocator(base=10, numticks=8))
