@@ -61,6 +61,7 @@ class _Prepared(NamedTuple):
     dtype: Any
     nan_policy: str = "raise"
     devices: Optional[tuple] = None
+    f_dtype: Any = None  # f's own dtype (``dtype`` is that of the statistics: >= float32)
 
 
 def _traced_struct(fn: Callable, args, what: str, fix: str):
@@ -116,6 +117,12 @@ def _prepare(
         family.check_theta(theta)
     if est.specialize is not None:
         est = est.specialize(family, theta)
+    if devices is not None and fitted.routed(est):
+        raise ValueError(
+            f"{where}: devices={len(devices)} is not supported by {est.name}: its cross-fitted "
+            "per-coordinate coefficients run on one device. Use devices=None, or a baseline "
+            "without fitting (leave_one_out, moving_average)."
+        )
     if nan_policy == "drop" and fitted.routed(est):
         raise ValueError(
             f"{where}: nan_policy='drop' is not supported by {est.name}: its cross-fitted "
@@ -182,18 +189,20 @@ def _prepare(
     num_units = n // est.draws_per_unit
     if chunk is None:
         chunk = engine.auto_chunk_size(num_units, *engine.elements_per_unit(x_struct, theta, est))
-    dtype = jax.tree_util.tree_leaves(f_struct)[0].dtype
+    f_dtype = jax.tree_util.tree_leaves(f_struct)[0].dtype
     return _Prepared(
-        model, est, params, typed_key, num_units, min(chunk, num_units), dtype, nan_policy, devices
+        model, est, params, typed_key, num_units, min(chunk, num_units),
+        engine.stats_dtype(f_dtype), nan_policy, devices, f_dtype,
     )
 
 
 def _raise_if_nonfinite(count, where: str):
     if count > 0:
         raise FloatingPointError(
-            f"{where}: {int(count)} evaluation(s) of f (or surrogate terms) were NaN or infinite. "
-            "Fix f / log_prob for these draws, or pass nan_policy='drop' to leave those draws out "
-            "(counted in GradEstimate.num_nonfinite) or nan_policy='propagate' to keep them."
+            f"{where}: {int(count)} evaluation(s) of f, or units whose surrogate terms or "
+            "gradients (e.g. the score, grad log_prob) were NaN or infinite. Fix f / log_prob for "
+            "these draws, or pass nan_policy='drop' to leave those units out (counted in "
+            "GradEstimate.num_nonfinite) or nan_policy='propagate' to keep them."
         )
 
 
@@ -227,24 +236,81 @@ def _guard(x, fs: FStats):
     return x * jnp.where(fs.nonfinite >= 0, 1, jnp.nan).astype(x.dtype)
 
 
-def _run(prep: _Prepared, params, state, mode, key=None, samples=None) -> engine.EngineOut:
-    """One engine pass with the call's chunking, NaN policy and devices."""
+def _shifted(prep: _Prepared, params, key=None, samples=None) -> tuple[_Prepared, jax.Array]:
+    """For a shift-invariant estimator, ``prep`` with f centred on a reference value, and it.
+
+    The reference is f at one draw (unit 0's key folded once more, or the first given sample),
+    stop-gradient. The estimate of a shift-invariant estimator does not depend on it in exact
+    arithmetic; in floating point, centring keeps the sums of ``f * score`` and of the baseline's
+    terms from cancelling when f carries a large constant. Other estimators: ``(prep, 0)``.
+    """
+    zero = jnp.zeros((), prep.dtype)
+    if not prep.est.shift_invariant:
+        return prep, zero
+    if samples is not None:
+        x0 = jax.tree_util.tree_map(lambda a: a[0], samples)
+    else:
+        x0 = prep.model.draw(params, jax.random.fold_in(jax.random.fold_in(key, 0), 2**31 - 1))
+    ref = jax.lax.stop_gradient(prep.model.eval_f(params, jax.lax.stop_gradient(x0)))
+    ref = jnp.where(jnp.isfinite(ref), ref, 0).astype(prep.dtype)
+    return prep._replace(model=prep.model._replace(f_shift=ref)), ref
+
+
+def _unshift(fs: FStats, ref) -> FStats:
+    return fs._replace(mean=fs.mean + ref.astype(fs.mean.dtype))
+
+
+def _run(prep: _Prepared, params, state, mode, key=None, samples=None):
+    """One engine pass with the call's chunking, NaN policy, devices and centring of f.
+
+    Returns ``(EngineOut, ref)``: the statistics of f are those of ``f - ref`` (see
+    :func:`_shifted`); add ``ref`` back to the mean for the value.
+    """
+    prep, ref = _shifted(prep, params, key, samples)
     out = engine.run(
         prep.model, prep.est, params, state, num_units=prep.num_units,
         chunk_units=prep.chunk, mode=mode, dtype=prep.dtype, key=key, samples=samples,
         nan_policy="drop" if prep.nan_policy == "drop" else "propagate", devices=prep.devices,
     )
-    return out
+    return out, ref
+
+
+def _not_differentiable(prep: _Prepared, where: str) -> _Prepared:
+    """``prep`` whose parameters raise when a caller differentiates through ``where``: its
+    results (value, grad, stderr) are statistics of stop-gradient draws, whose derivative would
+    be silently zero."""
+    msg = (
+        f"{where} is not differentiable: its results are statistics of the draws and their "
+        "derivative in theta would be zero. To differentiate an expectation, use "
+        "jax.grad(lambda theta: sg.expectation(f, family, theta, key, ...)); for the gradient "
+        f"estimate itself, call {where} and use result.grad."
+    )
+    return prep._replace(params=refuse_derivatives(prep.params, msg))
 
 
 def _kept_units(prep: _Prepared, fs: FStats):
-    """Units the estimate averages over: all of them, or (nan_policy="drop") the finite ones."""
+    """Units the estimate averages over: all of them, or (nan_policy="drop") the finite ones,
+    as the engine counted them."""
     if prep.nan_policy == "drop":
-        return jax.lax.stop_gradient(jnp.maximum(fs.count / prep.est.draws_per_unit, 1.0))
+        return jax.lax.stop_gradient(jnp.maximum(fs.units, 1.0))
     return prep.num_units
 
 
-def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
+def refuse_derivatives(tree, message: str):
+    """``tree`` unchanged; differentiating through it raises ``ValueError(message)``."""
+
+    @jax.custom_jvp
+    def ident(t):
+        return t
+
+    @ident.defjvp
+    def ident_jvp(primals, tangents):
+        raise ValueError(message)
+
+    return ident(tree)
+
+
+def _finish(prep: _Prepared, out: engine.EngineOut, state, ref=0.0) -> GradEstimate:
     est, u = prep.est, prep.num_units
     fs = out.fstats
     w = jax.lax.stop_gradient(est.weights(fs, state, _kept_units(prep, fs)))
@@ -269,8 +335,10 @@ def _finish(prep: _Prepared, out: engine.EngineOut, state) -> GradEstimate:
     snr = jax.tree_util.tree_map(lambda g, s: jnp.abs(g) / s, grad, stderr)
     fvar = jnp.where(fs.count > 1, fs.m2 / jnp.maximum(fs.count - 1, 1), jnp.nan)
     value_stderr = jnp.sqrt(fvar / fs.count)
+    fs = _unshift(fs, jnp.asarray(ref))
     new_state = est.update(state, fs)
-    plain = jax.tree_util.tree_map(lambda c, v: per_unit(c[0, 0]) / v, mom.comoment, var)
+    plain = jax.tree_util.tree_map(
+        lambda c, v: per_unit(engine.term0_comoment(c, ref)) / v, mom.comoment, var)
     return GradEstimate(
         value=fs.mean,
         value_stderr=value_stderr,
@@ -291,11 +359,16 @@ def _routed(prep: _Prepared, state, samples=None, where: str = "estimate_grad") 
     The NaN policy applies as in the engine path ("drop" is refused by ``_prepare``): with
     "raise", a non-finite f raises instead of returning a NaN gradient.
     """
-    res = fitted.estimate(prep, state, samples)
+    # Given samples offer no draw independent of the folds to centre on: cross-fitting's
+    # regularized fit is exactly shift-invariant only away from degenerate folds.
+    shifted, ref = _shifted(prep, prep.params, prep.key) if samples is None else (
+        prep, jnp.zeros((), prep.dtype))
+    res = fitted.estimate(shifted, state, samples, ref)
+    res = res._replace(value=res.value + ref.astype(res.value.dtype))
     if prep.nan_policy != "raise":
         return res
     zero = jnp.zeros((), res.value.dtype)
-    fs = _apply_nan_policy(prep, FStats(zero, res.value, zero, res.num_nonfinite), where)
+    fs = _apply_nan_policy(prep, FStats(zero, res.value, zero, res.num_nonfinite, zero), where)
     guard = lambda tree: jax.tree_util.tree_map(lambda a: _guard(a, fs), tree)  # noqa: E731
     return res._replace(value=_guard(res.value, fs), grad=guard(res.grad),
                         stderr=guard(res.stderr), num_nonfinite=fs.nonfinite)
@@ -380,12 +453,13 @@ def estimate_grad(
         f, family, theta, key, num_samples, estimator, chunk_size, "estimate_grad",
         nan_policy=nan_policy, devices=devices,
     )
+    prep = _not_differentiable(prep, "estimate_grad")
     state = _init_state(prep.est, theta, state)
     if fitted.routed(prep.est):
         return _routed(prep, state)
-    out = _run(prep, prep.params, state, "diag", key=prep.key)
+    out, ref = _run(prep, prep.params, state, "diag", key=prep.key)
     out = out._replace(fstats=_apply_nan_policy(prep, out.fstats, "estimate_grad"))
-    res = _finish(prep, out, state)
+    res = _finish(prep, out, state, ref)
     return res._replace(state=_learn(prep, res.state))
 
 
@@ -431,18 +505,28 @@ def estimate_grad_from_samples(
         f, family, theta, None, n, estimator, chunk_size, "estimate_grad_from_samples", samples,
         nan_policy=nan_policy,
     )
+    prep = _not_differentiable(prep, "estimate_grad_from_samples")
     state = _init_state(prep.est, theta, state)
     if fitted.routed(prep.est):
         return _routed(prep, state, samples, "estimate_grad_from_samples")
-    out = _run(prep, prep.params, state, "diag", samples=samples)
+    out, ref = _run(prep, prep.params, state, "diag", samples=samples)
     out = out._replace(
         fstats=_apply_nan_policy(prep, out.fstats, "estimate_grad_from_samples")
     )
-    return _finish(prep, out, state)
+    return _finish(prep, out, state, ref)
 
 
 def _fstats_float(fs: FStats) -> FStats:
     return fs._replace(nonfinite=fs.nonfinite.astype(fs.mean.dtype))
+
+
+def _higher_order_message(est: Estimator) -> str:
+    return (
+        f"jax.hessian (or any second derivative) of sg.expectation with {est.name} is not "
+        f"estimated: {est.name}'s surrogate is right at first order only (its second derivative "
+        "would be zeros or a partial sum). Use sg.score_function(...) (DiCE, every order, "
+        "baselines included), sg.rloo(k) or sg.pathwise() for Hessians."
+    )
 
 
 def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
@@ -450,29 +534,39 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
     est = prep.est
     assert prep.key is not None  # expectation* always pass a key (samples=None)
     impl = jax.random.key_impl(prep.key)
+
     def run(p, kd, st, mode):
-        out = _run(prep, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl))
+        out, ref = _run(prep, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl))
         # The check sits on the pass's own statistics (not on the custom-JVP output), so
         # nested differentiation does not keep extra passes alive for it.
-        return out._replace(fstats=_apply_nan_policy(prep, out.fstats, "expectation"))
+        return out._replace(fstats=_apply_nan_policy(prep, out.fstats, "expectation")), ref
+
+    def primal_out(fs: FStats, ref):
+        """(value, statistics of f itself): f was centred on ``ref`` in the engine."""
+        fs = _unshift(fs, ref)
+        return _guard(fs.mean, fs).astype(prep.f_dtype), _fstats_float(fs)
 
     @jax.custom_jvp
     def core(params, key_data, st):
-        fs = run(params, key_data, st, "value").fstats
-        return _guard(fs.mean, fs), _fstats_float(fs)
+        out, ref = run(params, key_data, st, "value")
+        return primal_out(out.fstats, ref)
 
     @core.defjvp
     def core_jvp(primals, tangents):
         params, key_data, st = primals
         dparams = tangents[0]
+        if est.max_order is not None:
+            # First order is this rule; a second derivative differentiates the rule itself.
+            params = refuse_derivatives(params, _higher_order_message(est))
         if fitted.routed(est):
             key = jax.random.wrap_key_data(key_data, impl=impl)
-            fs, tangent = fitted.jvp(prep, params, key, st, dparams)
+            shifted, ref = _shifted(prep, params, key)
+            fs, tangent = fitted.jvp(shifted, params, key, st, dparams)
             fs = _apply_nan_policy(prep, fs, "expectation")
-            fsf = _fstats_float(fs)
-            return (_guard(fs.mean, fs), fsf), (
-                _guard(tangent, fs), jax.tree_util.tree_map(jnp.zeros_like, fsf))
-        out = run(params, key_data, st, "grad")
+            value, fsf = primal_out(fs, ref)
+            return (value, fsf), (
+                _guard(tangent, fs).astype(value.dtype), jax.tree_util.tree_map(jnp.zeros_like, fsf))
+        out, ref = run(params, key_data, st, "grad")
         fs = out.fstats
         denom = _kept_units(prep, fs)  # with nan_policy="drop": the finite units
         w = jax.lax.stop_gradient(est.weights(fs, st, denom))
@@ -483,9 +577,9 @@ def _surrogate(prep: _Prepared, state) -> tuple[jax.Array, FStats]:
             jnp.vdot(g, dp).astype(fs.mean.dtype)
             for g, dp in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(dparams))
         ]
-        tangent = _guard(sum(dots, jnp.zeros((), fs.mean.dtype)), fs)
-        fsf = _fstats_float(fs)
-        return (_guard(fs.mean, fs), fsf), (tangent, jax.tree_util.tree_map(jnp.zeros_like, fsf))
+        value, fsf = primal_out(fs, ref)
+        tangent = _guard(sum(dots, jnp.zeros((), fs.mean.dtype)), fs).astype(value.dtype)
+        return (value, fsf), (tangent, jax.tree_util.tree_map(jnp.zeros_like, fsf))
 
     value, fsf = core(prep.params, jax.random.key_data(prep.key), state)
     fs = fsf._replace(nonfinite=jax.lax.stop_gradient(fsf.nonfinite).astype(jnp.int32))

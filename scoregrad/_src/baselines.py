@@ -55,6 +55,7 @@ def leave_one_out() -> Baseline:
         features=lambda f, state: jnp.stack([jnp.ones_like(f), f]),
         weights=weights,
         update=no_update,
+        shift_invariant=True,
     )
 
 
@@ -159,6 +160,7 @@ def optimal() -> Baseline:
         weights=lambda fstats, state, n: jnp.zeros((1,), fstats.mean.dtype),
         update=no_update,
         fitted=(0,),
+        shift_invariant=True,
     )
 
 

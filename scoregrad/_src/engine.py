@@ -65,27 +65,40 @@ class EngineOut(NamedTuple):
     moments: Optional[Moments]  # "diag"
 
 
-def _fstats_of(fvals: jax.Array, dtype, ok: Optional[jax.Array] = None) -> FStats:
-    """Chunk statistics of f; with ``ok`` (per unit), only those units count.
+def stats_dtype(f_dtype) -> Any:
+    """The dtype statistics accumulate in: f's, but at least float32 (float16/bfloat16 counts
+    and sums overflow or round away past a few thousand draws)."""
+    return jnp.promote_types(f_dtype, jnp.float32)
 
-    ``nonfinite`` counts the non-finite f evaluations, plus (with ``ok``) each unit dropped
-    although its f evaluations were finite.
+
+def fstats_of(
+    fvals: jax.Array, dtype, ok: Optional[jax.Array] = None, drop: bool = False
+) -> FStats:
+    """Chunk statistics of f (leading axis: units).
+
+    ``ok`` (per unit) says whether the unit's surrogate terms and gradients were finite.
+    ``nonfinite`` counts the non-finite f evaluations plus each unit whose f evaluations were
+    finite but whose terms or gradients were not. With ``drop``, units that are not ok (or have
+    a non-finite f) are left out of the statistics and of ``units``.
     """
     fvals = fvals.astype(dtype)
-    nonfinite = jnp.sum(~jnp.isfinite(fvals)).astype(jnp.int32)
-    if ok is None:
-        flat = fvals.reshape(-1)
+    per_unit = fvals.reshape(fvals.shape[0], -1)
+    f_ok = jnp.all(jnp.isfinite(per_unit), axis=1)
+    nonfinite = jnp.sum(~jnp.isfinite(per_unit)).astype(jnp.int32)
+    if ok is not None:
+        nonfinite = nonfinite + jnp.sum(~ok & f_ok).astype(jnp.int32)
+    if not drop:
+        flat = per_unit.reshape(-1)
         n = jnp.asarray(flat.size, dtype)
         mean = jnp.mean(flat)
-        return FStats(n, mean, jnp.sum(jnp.square(flat - mean)), nonfinite)
-    keep = jnp.broadcast_to(ok.reshape((-1,) + (1,) * (fvals.ndim - 1)), fvals.shape)
-    # Units dropped with finite f (a non-finite term or gradient) count once each as well.
-    f_ok = jnp.all(jnp.isfinite(fvals).reshape(fvals.shape[0], -1), axis=1)
-    nonfinite = nonfinite + jnp.sum(~ok & f_ok).astype(jnp.int32)
+        units = jnp.asarray(per_unit.shape[0], dtype)
+        return FStats(n, mean, jnp.sum(jnp.square(flat - mean)), nonfinite, units)
+    kept = f_ok if ok is None else ok & f_ok
+    keep = jnp.broadcast_to(kept[:, None], per_unit.shape)
     n = jnp.sum(keep).astype(dtype)
-    mean = jnp.sum(jnp.where(keep, fvals, 0)) / jnp.maximum(n, 1)
-    m2 = jnp.sum(jnp.where(keep, jnp.square(fvals - mean), 0))
-    return FStats(n, mean, m2, nonfinite)
+    mean = jnp.sum(jnp.where(keep, per_unit, 0)) / jnp.maximum(n, 1)
+    m2 = jnp.sum(jnp.where(keep, jnp.square(per_unit - mean), 0))
+    return FStats(n, mean, m2, nonfinite, jnp.sum(kept).astype(dtype))
 
 
 def _merge_fstats(a: FStats, b: FStats) -> FStats:
@@ -94,7 +107,7 @@ def _merge_fstats(a: FStats, b: FStats) -> FStats:
     safe_n = jnp.where(n > 0, n, 1)
     mean = a.mean + delta * b.count / safe_n
     m2 = a.m2 + b.m2 + delta**2 * a.count * b.count / safe_n
-    return FStats(n, mean, m2, a.nonfinite + b.nonfinite)
+    return FStats(n, mean, m2, a.nonfinite + b.nonfinite, a.units + b.units)
 
 
 def _merge_moments(a: Moments, b: Moments) -> Moments:
@@ -116,12 +129,26 @@ def _merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, co)
 
 
+def term0_comoment(comoment: jax.Array, ref) -> jax.Array:
+    """The co-moment of term 0's per-unit gradient on f itself, from that on ``f - ref``.
+
+    Shift-invariant estimators run on f centred on ``ref`` (``Model.f_shift``); their term 0 is
+    the score term ``box * (f - ref)`` and their term 1 the baseline's constant feature
+    ``(1 - box) * 1``, so term 0 on f is ``g0 - ref * g1``. (Single-term estimators: unchanged.)
+    """
+    if comoment.shape[0] < 2:
+        return comoment[0, 0]
+    r = jnp.asarray(ref, comoment.dtype)
+    return comoment[0, 0] - 2 * r * comoment[0, 1] + r * r * comoment[1, 1]
+
+
 def unit_keys(key: jax.Array, start: jax.Array, size: int) -> jax.Array:
     idx = start + jnp.arange(size, dtype=jnp.uint32)
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
 
 
 def _rows_of_jacobian(vjp_fn, k: int, dtype) -> PyTree:
+    # ``dtype`` must be the dtype of the differentiated output (the terms), not f's.
     """The k rows of a Jacobian from k separate reverse passes, stacked on a leading axis.
 
     Separate passes fuse into the chunk's elementwise work; ``vmap`` over the cotangent basis
@@ -217,15 +244,14 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
             out = unit(p, key, x)
             return out.terms, out
 
-        _, vjp_fn, out = jax.vjp(terms, p, has_aux=True)
-        return _rows_of_jacobian(vjp_fn, est.num_terms, dtype), out
+        t, vjp_fn, out = jax.vjp(terms, p, has_aux=True)
+        return _rows_of_jacobian(vjp_fn, est.num_terms, t.dtype), out
 
     if mode == "value":
 
         def chunk(keys, xs):
             out = jax.vmap(unit, in_axes=(None, 0, 0))(params, keys, xs)
-            ok = jax.vmap(_unit_ok)(out) if drop else None
-            return _fstats_of(out.fvals, dtype, ok), None
+            return fstats_of(out.fvals, dtype, jax.vmap(_unit_ok)(out), drop), None
 
         return chunk
 
@@ -234,10 +260,17 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
         def chunk(keys, xs):
             def summed(p):
                 out = jax.vmap(unit, in_axes=(None, 0, 0))(p, keys, xs)
-                return jnp.sum(out.terms, axis=0), out.fvals
+                return jnp.sum(out.terms, axis=0), out
 
-            _, vjp_fn, fvals = jax.vjp(summed, params, has_aux=True)
-            return _fstats_of(fvals, dtype), _rows_of_jacobian(vjp_fn, est.num_terms, dtype)
+            total, vjp_fn, out = jax.vjp(summed, params, has_aux=True)
+            rows = _rows_of_jacobian(vjp_fn, est.num_terms, total.dtype)
+            fs = fstats_of(out.fvals, dtype, jax.vmap(_unit_ok)(out))
+            # Gradients are summed over the chunk: a non-finite sum whose f values and terms
+            # were all finite (a score at a zero-density draw) counts once, as one unit at least.
+            bad_sum = ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+                                          for g in jax.tree_util.tree_leaves(rows)]))
+            extra = (bad_sum & (fs.nonfinite == 0)).astype(jnp.int32)
+            return fs._replace(nonfinite=fs.nonfinite + extra), rows
 
         return chunk
 
@@ -250,7 +283,7 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
             def masked_sum(g):
                 return jnp.sum(jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0), axis=0)
 
-            return _fstats_of(out.fvals, dtype, ok), jax.tree_util.tree_map(masked_sum, grads)
+            return fstats_of(out.fvals, dtype, ok, True), jax.tree_util.tree_map(masked_sum, grads)
 
         return chunk
 
@@ -259,13 +292,14 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
             out = unit(params._replace(theta=theta), key, x)
             return out.terms, out
 
-        _, vjp_fn, out = jax.vjp(terms, params.theta, has_aux=True)
-        return _rows_of_jacobian(vjp_fn, est.num_terms, dtype), out
+        t, vjp_fn, out = jax.vjp(terms, params.theta, has_aux=True)
+        return _rows_of_jacobian(vjp_fn, est.num_terms, t.dtype), out
 
     def diag_chunk(keys, xs):
         grads, out = jax.vmap(theta_grads)(keys, xs)  # leaves (c, K, *leaf)
-        ok = jax.vmap(_unit_ok)(out, grads) if drop else jnp.ones(out.fvals.shape[:1], bool)
-        return _fstats_of(out.fvals, dtype, ok if drop else None), _masked_moments(grads, ok, dtype)
+        ok = jax.vmap(_unit_ok)(out, grads)
+        fs = fstats_of(out.fvals, dtype, ok, drop)
+        return fs, _masked_moments(grads, ok if drop else jnp.ones_like(ok), dtype)
 
     return diag_chunk
 

@@ -82,11 +82,9 @@ def run(model, est, params, state, *, num_units, chunk_units, mode, dtype, key=N
     return engine.EngineOut(fs, extra if mode == "grad" else None, extra if mode == "diag" else None)
 
 
-def _fstats(fvals, dtype) -> FStats:
-    fvals = fvals.reshape(-1).astype(dtype)
-    mean = jnp.mean(fvals)
-    return FStats(jnp.asarray(fvals.size, dtype), mean, jnp.sum(jnp.square(fvals - mean)),
-                  jnp.sum(~jnp.isfinite(fvals)).astype(jnp.int32))
+def _fstats(fvals, dtype, ok=None) -> FStats:
+    """Chunk statistics of f (leading axis: units); ``ok``: per-unit finiteness of the rest."""
+    return engine.fstats_of(fvals, dtype, ok)
 
 
 def moments_of(rows: PyTree, dtype) -> engine.Moments:
@@ -128,7 +126,9 @@ def _full_diag_chunk(model, est: Estimator, params, state, dtype):
 
     def chunk(keys, xs):
         rows, fvals = jax.vmap(per_unit)(keys, xs)
-        return _fstats(fvals, dtype), moments_of(rows, dtype)
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(r.reshape(r.shape[0], -1)), axis=1)
+                                for r in rows]), axis=0)
+        return _fstats(fvals, dtype, ok), moments_of(rows, dtype)
 
     return chunk, idx
 
@@ -222,7 +222,7 @@ def check_units(est: Estimator, num_units: int) -> None:
         )
 
 
-def estimate(prep, state, samples=None):
+def estimate(prep, state, samples=None, ref=0.0):
     """:func:`scoregrad.estimate_grad` for routed estimators: a :class:`GradEstimate`."""
     from scoregrad._src.api import GradEstimate  # the api imports this module
 
@@ -232,7 +232,7 @@ def estimate(prep, state, samples=None):
     grad, est_var, fs, mom = _combine(est, outs, state, u)
     var = jax.tree_util.tree_map(lambda v: v * u, est_var)
     stderr = jax.tree_util.tree_map(jnp.sqrt, est_var)
-    plain = jax.tree_util.tree_map(lambda c: c[0, 0] / (u - 1), mom.comoment)
+    plain = jax.tree_util.tree_map(lambda c: engine.term0_comoment(c, ref) / (u - 1), mom.comoment)
     fvar = fs.m2 / jnp.maximum(fs.count - 1, 1)
     return GradEstimate(
         value=fs.mean,

@@ -94,6 +94,7 @@ def _make(name: str, gradient) -> Estimator:
         unit,
         draws_per_unit=2,
         check=_check(f"{name}()"),
+        max_order=1,
     )
 
 

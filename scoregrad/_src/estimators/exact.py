@@ -12,11 +12,13 @@ from scoregrad._src.base import Estimator, UnitOut, single_term
 
 
 def _estimator(name, unit, draws_per_unit, specialize) -> Estimator:
+    # indecater's surrogate misses the cross-coordinate second derivatives: first order only.
     return single_term(
         name,
         unit,
         draws_per_unit=draws_per_unit,
         specialize=specialize,
+        max_order=1 if name == "indecater" else None,
     )
 
 

@@ -123,4 +123,5 @@ def _build(draws_per_unit: int, decomposition) -> Estimator:
         unit,
         draws_per_unit=draws_per_unit,
         specialize=specialize,
+        max_order=1,
     )

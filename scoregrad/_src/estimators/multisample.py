@@ -44,12 +44,8 @@ def _group_eval(model, params, xs):
     return f, lp
 
 
-def _estimator(name, unit, k) -> Estimator:
-    return single_term(
-        name,
-        unit,
-        draws_per_unit=k,
-    )
+def _estimator(name, unit, k, shift_invariant=False) -> Estimator:
+    return single_term(name, unit, draws_per_unit=k, shift_invariant=shift_invariant)
 
 
 def rloo(group_size: int) -> Estimator:
@@ -103,7 +99,7 @@ def rloo(group_size: int) -> Estimator:
         term = jnp.mean(box * f + (1.0 - box) * base)
         return UnitOut(term[None], f_sg)
 
-    return _estimator(f"rloo({k})", unit, k)
+    return _estimator(f"rloo({k})", unit, k, shift_invariant=True)
 
 
 def _loo_log_mean_exp(f: jax.Array) -> jax.Array:

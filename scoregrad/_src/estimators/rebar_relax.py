@@ -188,6 +188,7 @@ def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
         check=make_check(f"{name}()", kinds=("bernoulli",), fix=" (REBAR/RELAX support Bernoulli "
                          "only; for categorical use sg.gumbel_softmax or the score function)."),
         learn=_learn_fn(cv, optimizer) if learn else None,
+        max_order=1,
     )
 
 

@@ -226,6 +226,8 @@ def _estimator(name, unit, check, needs_key) -> Estimator:
     # grad E[h], so with_control_variates refuses it (scoregrad._src.estimators.traits).
     mark_not_unbiased(unit, f"{name} is biased (the mean of its gradient is not the gradient "
                       "of E[f])")
+    # Straight-through surrogates are first order only; the relaxed objective (gumbel_softmax)
+    # is differentiable at every order (its Hessian is that of the relaxation, with its bias).
     return single_term(
         name,
         unit,
@@ -233,6 +235,7 @@ def _estimator(name, unit, check, needs_key) -> Estimator:
         needs_key=needs_key,
         check=check,
         f_input=f_input,
+        max_order=1 if name.startswith("straight_through") else None,
     )
 
 

@@ -89,6 +89,7 @@ def score_function(baseline: Optional[Baseline] = None) -> Estimator:
         check=None,
         fitted=tuple(1 + i for i in baseline.fitted),
         presample=True,
+        shift_invariant=baseline.shift_invariant,
     )
 
 
