@@ -144,7 +144,9 @@ def _prepare(
         "and the draws that family.sample returns."
     )
     if samples is None:
-        typed_key = validation.normalize_key(key)
+        # rbg/unsafe_rbg keys become threefry keys here (engine.counter_key): draws then depend
+        # on (key, i) only, whatever the chunking or device count.
+        typed_key = engine.counter_key(validation.normalize_key(key))
         legacy = validation.is_legacy_key(key)
         user_key = jax.random.key_data(typed_key) if legacy else typed_key
         x_struct = _traced_struct(
@@ -325,9 +327,9 @@ def _finish(prep: _Prepared, out: engine.EngineOut, state, ref=0.0) -> GradEstim
     def leaf_grad(m):
         return jnp.tensordot(w.astype(m.dtype), m, axes=1)
 
-    def leaf_var(c):
+    def leaf_var(c):  # w^T C w over the two term axes (leaves may be 0-d: no einsum "...")
         wc = w.astype(c.dtype)
-        return per_unit(jnp.einsum("k,l,kl...->...", wc, wc, c))
+        return per_unit(jnp.tensordot(wc, jnp.tensordot(wc, c, axes=([0], [1])), axes=([0], [0])))
 
     grad = jax.tree_util.tree_map(lambda m: _guard(leaf_grad(m), fs), mom.mean)
     var = jax.tree_util.tree_map(leaf_var, mom.comoment)

@@ -87,18 +87,22 @@ def fstats_of(
     nonfinite = jnp.sum(~jnp.isfinite(per_unit)).astype(jnp.int32)
     if ok is not None:
         nonfinite = nonfinite + jnp.sum(~ok & f_ok).astype(jnp.int32)
+    # Centred on the chunk's first f value: a large constant in f does not cost the mean and
+    # the second moment their precision (sum of f - c, not of f).
+    c = per_unit[0, 0] if per_unit.size else jnp.zeros((), dtype)
+    c = jnp.where(jnp.isfinite(c), c, 0)
+    d = per_unit - c
     if not drop:
-        flat = per_unit.reshape(-1)
-        n = jnp.asarray(flat.size, dtype)
-        mean = jnp.mean(flat)
+        n = jnp.asarray(d.size, dtype)
+        dm = jnp.mean(d)
         units = jnp.asarray(per_unit.shape[0], dtype)
-        return FStats(n, mean, jnp.sum(jnp.square(flat - mean)), nonfinite, units)
+        return FStats(n, c + dm, jnp.sum(jnp.square(d - dm)), nonfinite, units)
     kept = f_ok if ok is None else ok & f_ok
     keep = jnp.broadcast_to(kept[:, None], per_unit.shape)
     n = jnp.sum(keep).astype(dtype)
-    mean = jnp.sum(jnp.where(keep, per_unit, 0)) / jnp.maximum(n, 1)
-    m2 = jnp.sum(jnp.where(keep, jnp.square(per_unit - mean), 0))
-    return FStats(n, mean, m2, nonfinite, jnp.sum(kept).astype(dtype))
+    dm = jnp.sum(jnp.where(keep, d, 0)) / jnp.maximum(n, 1)
+    m2 = jnp.sum(jnp.where(keep, jnp.square(d - dm), 0))
+    return FStats(n, c + dm, m2, nonfinite, jnp.sum(kept).astype(dtype))
 
 
 def _merge_fstats(a: FStats, b: FStats) -> FStats:
@@ -142,9 +146,25 @@ def term0_comoment(comoment: jax.Array, ref) -> jax.Array:
     return comoment[0, 0] - 2 * r * comoment[0, 1] + r * r * comoment[1, 1]
 
 
+def counter_key(key: jax.Array) -> jax.Array:
+    """``key`` as a threefry key (unchanged if it is one).
+
+    Unit ``i`` draws from ``fold_in(key, i)`` inside a ``vmap`` over the chunk. The ``rbg`` and
+    ``unsafe_rbg`` implementations do not promise the same bits under ``vmap`` as without it, so
+    their draws changed with the chunk size; their key data is folded into a threefry key first
+    (deterministically, every word), which keeps the result a function of ``(key, i)`` alone.
+    """
+    if "threefry" in str(jax.random.key_impl(key)):
+        return key
+    out = jax.random.key(0, impl="threefry2x32")
+    for word in jnp.reshape(jax.random.key_data(key), (-1,)):
+        out = jax.random.fold_in(out, word)
+    return out
+
+
 def unit_keys(key: jax.Array, start: jax.Array, size: int) -> jax.Array:
     idx = start + jnp.arange(size, dtype=jnp.uint32)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(counter_key(key), idx)
 
 
 def _rows_of_jacobian(vjp_fn, k: int, dtype) -> PyTree:
@@ -226,10 +246,12 @@ def _masked_moments(grads, ok, dtype) -> Moments:
         c = jnp.where(mask, g - m, 0)
         return m, jnp.sum(c[:, :, None] * c[:, None, :], axis=0)
 
-    pairs = jax.tree_util.tree_map(co, grads)
-    is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
-    mean = jax.tree_util.tree_map(lambda t: t[0], pairs, is_leaf=is_pair)
-    com = jax.tree_util.tree_map(lambda t: t[1], pairs, is_leaf=is_pair)
+    # Two maps over the leaves, not pairs picked apart with is_leaf=tuple: theta may itself be a
+    # tuple (or NamedTuple), which such an is_leaf would take for a pair.
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    pairs = [co(g) for g in leaves]
+    mean = jax.tree_util.tree_unflatten(treedef, [p[0] for p in pairs])
+    com = jax.tree_util.tree_unflatten(treedef, [p[1] for p in pairs])
     return Moments(count, mean, com)
 
 
