@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src import engine, fitted, validation
+from scoregrad._src import dependence, engine, fitted, validation
 from scoregrad._src.base import Estimator, FStats, Model, Params
 from scoregrad._src.estimators.score import score_function
 from scoregrad._src.family import Family
@@ -185,6 +185,8 @@ def _prepare(
     f_c, f_consts = jax.closure_convert(f, fx_struct)
     lp_c, lp_consts = jax.closure_convert(family.log_prob, theta, x_struct)
     model = Model(f_c, lp_c, sample_c, family, legacy)
+    dependence.check_model(family, theta, user_key, x_struct, f, est.name,
+                           draws_key=samples is None)
     if est.check is not None:
         est.check(model, theta, x_struct)
     params = Params(theta, tuple(f_consts), tuple(lp_consts), tuple(sample_consts))
