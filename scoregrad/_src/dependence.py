@@ -100,7 +100,8 @@ def tangent_may_depend(fn: Callable, primal: PyTree, leaf: int, others: Sequence
                     (jnp.zeros_like(x) if _is_float(x)
                      else jnp.zeros(jnp.shape(x), jax.dtypes.float0))
                     for i, x in enumerate(p_leaves)]
-        return jax.jvp(lambda q: fn(q, *rest), (p,), (tree.unflatten(tangents),))[1]
+        return jax.jvp(lambda q: fn(q, *rest), (p,),
+                       (jax.tree_util.tree_unflatten(tree, tangents),))[1]
 
     t = jax.ShapeDtypeStruct(jnp.shape(leaves[leaf]), jnp.result_type(leaves[leaf]))
     return may_depend(jvp_out, [abstract(primal), abstract(list(others)), t],
@@ -139,7 +140,7 @@ def check_model(family, theta, key, x_struct, f, est_name: str, draws_key: bool)
         x_a = abstract(x_struct)
         n_x = len(jax.tree_util.tree_leaves(x_a))
         reads_x = may_depend(f, [x_a], lambda a, j: True)
-        if reads_x and not any(tangent_may_depend(lambda x: f(x), x_a, j) for j in range(n_x)):
+        if reads_x and not any(tangent_may_depend(f, x_a, j) for j in range(n_x)):
             raise ValueError(
                 f"f(x) reads the draw but its derivative in x is structurally zero (a step "
                 f"function, jnp.floor, a comparison): {est_name} differentiates through f, so "
