@@ -108,6 +108,10 @@ def tangent_may_depend(fn: Callable, primal: PyTree, leaf: int, others: Sequence
                       lambda a, j: a == 2)
 
 
+def _leaf_of_theta(i: int) -> Callable[[int, int], bool]:
+    return lambda a, j: a == 0 and j == i
+
+
 def check_model(family, theta, key, x_struct, f, est_name: str, draws_key: bool) -> None:
     """Trace-time refusals of provably wrong models (see the module docstring)."""
     theta_a = abstract(theta)
@@ -124,8 +128,7 @@ def check_model(family, theta, key, x_struct, f, est_name: str, draws_key: bool)
         for i, leaf in enumerate(leaves):
             if not _is_float(leaf):
                 continue
-            if not may_depend(family.sample, [theta_a, abstract(key)],
-                              lambda a, j, i=i: a == 0 and j == i):
+            if not may_depend(family.sample, [theta_a, abstract(key)], _leaf_of_theta(i)):
                 continue  # theta leaf not used by the sampler: a zero score is right
             if not tangent_may_depend(family.log_prob, theta_a, i, [x_struct]):
                 raise ValueError(
