@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scoregrad._src import api, engine
 
@@ -59,6 +60,7 @@ def _stats(est, fs, mom, state, target):
 def estimate_grad_adaptive(
     f: Callable, family, theta: PyTree, key: jax.Array, *, target_stderr, max_samples: int,
     min_samples: int | None = None, estimator=None, state=None, chunk_size: int | None = None,
+    nan_policy: str = "raise",
 ) -> AdaptiveEstimate:
     r"""Like :func:`scoregrad.estimate_grad`, drawing chunks until ``stderr <= target_stderr``.
 
@@ -82,6 +84,14 @@ def estimate_grad_adaptive(
       min_samples: draw at least this many before testing (default: one chunk, at least 32).
       estimator, state, chunk_size: as in :func:`scoregrad.estimate_grad`. Estimators with
         cross-fitted coefficients (``sg.baselines.optimal()``, control variates) are refused.
+        An estimator's learning step (RELAX's control variate) runs, as in
+        :func:`scoregrad.estimate_grad`, on exactly the units drawn: one compiled learning pass
+        per possible number of chunks, so at most 16 stopping points are allowed between
+        ``min_samples`` and ``max_samples`` for such estimators.
+      nan_policy: as in :func:`scoregrad.estimate_grad`. With ``"raise"`` (default) the loop
+        stops at the first chunk with a NaN or infinite f (or surrogate term) and the call
+        raises; ``"drop"`` leaves those units out (the stopping rule sees the kept units);
+        ``"propagate"`` keeps them and counts them in ``num_nonfinite``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -93,8 +103,12 @@ def estimate_grad_adaptive(
       >>> bool(a.reached_target), int(a.estimate.num_samples) < 100_000
       (True, True)
     """
-    prep = api._prepare(f, family, theta, key, max_samples, estimator, chunk_size,
-                        "estimate_grad_adaptive")
+    where = "estimate_grad_adaptive"
+    _check_count(max_samples, "max_samples", minimum=1)
+    if min_samples is not None:
+        _check_count(min_samples, "min_samples", minimum=1)
+    prep = api._prepare(f, family, theta, key, max_samples, estimator, chunk_size, where,
+                        nan_policy=nan_policy)
     est = prep.est
     if est.fitted:
         raise TypeError(
@@ -108,7 +122,17 @@ def estimate_grad_adaptive(
     if min_samples is None:
         min_samples = max(32, est.min_units * est.draws_per_unit)
     min_chunks = min(max_chunks, max(1, -(-min_samples // (c * est.draws_per_unit))))
-    chunk = engine.make_chunk(prep.model, est, prep.params, state, "diag", prep.dtype)
+    if est.learn is not None and max_chunks - min_chunks + 1 > _MAX_LEARN_BRANCHES:
+        raise TypeError(
+            f"estimate_grad_adaptive: {est.name} has a learning step that runs on exactly the "
+            f"units drawn, compiled once per possible stopping point; min_samples={min_samples}, "
+            f"max_samples={max_samples} and chunk_size={c} allow {max_chunks - min_chunks + 1} "
+            f"(at most {_MAX_LEARN_BRANCHES}). Raise min_samples or chunk_size, or use "
+            "sg.estimate_grad with a fixed num_samples."
+        )
+    raising = prep.nan_policy == "raise"
+    chunk = engine.make_chunk(prep.model, est, prep.params, state, "diag", prep.dtype,
+                              drop=prep.nan_policy == "drop")
 
     def step(k):
         return chunk(engine.unit_keys(prep.key, (k * c).astype(jnp.uint32), c), None)
@@ -116,7 +140,9 @@ def estimate_grad_adaptive(
     def cond(carry):
         k, fs, mom = carry
         met = _stats(est, fs, mom, state, target)[3]
-        return (k < max_chunks) & ((k < min_chunks) | ~met)
+        go = (k < max_chunks) & ((k < min_chunks) | ~met)
+        # Under "raise" the call fails anyway: stop drawing at the first non-finite chunk.
+        return go & (fs.nonfinite == 0) if raising else go
 
     def body(carry):
         k, fs, mom = carry
@@ -125,30 +151,104 @@ def estimate_grad_adaptive(
 
     fs, mom = step(jnp.asarray(0, jnp.uint32))
     k, fs, mom = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.uint32), fs, mom))
+    fs = api._apply_nan_policy(prep, fs, where)
     grad, var, se, met = _stats(est, fs, mom, state, target)
+    grad = jax.tree_util.tree_map(lambda g: api._guard(g, fs), grad)
     u = mom.count
     plain = jax.tree_util.tree_map(lambda cm, v: cm[0, 0] / jnp.maximum(u - 1, 1) / v,
                                    mom.comoment, var)
+    new_state = _learn(prep, est.update(state, fs), k, min_chunks, max_chunks)
     result = api.GradEstimate(
-        value=fs.mean, value_stderr=jnp.sqrt(fs.m2 / jnp.maximum(fs.count - 1, 1) / fs.count),
+        value=api._guard(fs.mean, fs),
+        value_stderr=jnp.sqrt(fs.m2 / jnp.maximum(fs.count - 1, 1) / fs.count),
         grad=grad, stderr=se, variance=var,
         snr=jax.tree_util.tree_map(lambda g, s: jnp.abs(g) / s, grad, se),
         num_samples=(k * c * est.draws_per_unit).astype(jnp.int32), num_nonfinite=fs.nonfinite,
-        state=est.update(state, fs), variance_reduction=plain,
+        state=new_state, variance_reduction=plain,
     )
     return AdaptiveEstimate(result, met, ~met, k)
 
 
-def _target(target_stderr, theta):
-    if isinstance(target_stderr, (int, float)) and not isinstance(target_stderr, bool):
-        if not target_stderr > 0:
-            raise ValueError(f"target_stderr must be > 0; got {target_stderr!r}.")
-        return jax.tree_util.tree_map(lambda _: jnp.asarray(target_stderr), theta)
-    try:
-        jax.tree_util.tree_map(lambda a, b: None, theta, target_stderr)
-    except ValueError as err:
+# Estimators with a learning step compile one learning pass per possible stopping point.
+_MAX_LEARN_BRANCHES = 16
+
+
+def _learn(prep, state, k, min_chunks: int, max_chunks: int):
+    """The estimator's learning step (as ``api._learn``) on the ``k * chunk`` units drawn.
+
+    ``learn`` takes a static number of units, and ``k`` is traced: one branch per possible
+    ``k`` in ``[min_chunks, max_chunks]`` (the loop cannot stop outside it, except early under
+    nan_policy="raise", where the call raises anyway).
+    """
+    est = prep.est
+    if est.learn is None:
+        return state
+    params = jax.lax.stop_gradient(prep.params)
+    c = prep.chunk
+
+    def branch(j):
+        return lambda st: est.learn(prep.model, params, prep.key, st, j * c, c)
+
+    branches = [branch(j) for j in range(min_chunks, max_chunks + 1)]
+    if len(branches) == 1:
+        return branches[0](state)
+    idx = jnp.clip(k.astype(jnp.int32) - min_chunks, 0, len(branches) - 1)
+    return jax.lax.switch(idx, branches, state)
+
+
+def _check_count(value, name: str, minimum: int) -> int:
+    """A static Python int >= minimum, by name (``max_samples``, ``min_samples``)."""
+    if isinstance(value, jax.core.Tracer):
         raise TypeError(
-            "target_stderr must be a positive float or a pytree like theta of per-coordinate "
-            f"targets; got {target_stderr!r}."
-        ) from err
-    return target_stderr
+            f"estimate_grad_adaptive: `{name}` is traced, but it fixes the loop's bounds and must "
+            f"be a static Python int; mark it static under jax.jit."
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"estimate_grad_adaptive: `{name}` must be a Python int; got "
+            f"{type(value).__name__} ({value!r}). Write e.g. `{name}=1000`."
+        )
+    if value < minimum:
+        raise ValueError(f"estimate_grad_adaptive: `{name}` must be at least {minimum}; got {value}.")
+    return int(value)
+
+
+def _target(target_stderr, theta):
+    """A positive float, or a pytree like theta of positive per-coordinate targets."""
+
+    def bad(got):
+        return TypeError(
+            "estimate_grad_adaptive: `target_stderr` must be a positive float or a pytree like "
+            f"theta (structure {jax.tree_util.tree_structure(theta)}) of per-coordinate targets; "
+            f"got {got}."
+        )
+
+    def leaf(t, like):
+        if isinstance(t, bool) or isinstance(t, (str, bytes)):
+            raise bad(f"{type(t).__name__} {t!r:.40}")
+        if isinstance(t, (int, float, np.floating, np.integer)):
+            if not t > 0:
+                raise ValueError(f"target_stderr must be > 0; got {target_stderr!r}.")
+            return jnp.asarray(t)
+        if not hasattr(t, "dtype") or not jnp.issubdtype(t.dtype, jnp.floating):
+            raise bad(f"{type(t).__name__} {t!r:.40}")
+        if jnp.ndim(t) and jnp.shape(t) != jnp.shape(like):
+            raise ValueError(
+                f"estimate_grad_adaptive: a `target_stderr` leaf has shape {jnp.shape(t)}, but "
+                f"the matching theta leaf has shape {jnp.shape(like)}; pass a scalar or that shape."
+            )
+        if not isinstance(t, jax.core.Tracer) and not np.all(np.asarray(t) > 0):
+            raise ValueError(f"target_stderr must be > 0; got {target_stderr!r}.")
+        return t
+
+    if isinstance(target_stderr, (int, float, np.floating, np.integer)) and not isinstance(
+            target_stderr, bool):
+        return jax.tree_util.tree_map(lambda a: leaf(target_stderr, a), theta)
+    got: Any = jax.tree_util.tree_structure(target_stderr)
+    want: Any = jax.tree_util.tree_structure(theta)
+    if got != want:
+        if got.num_leaves == 1 and got == jax.tree_util.tree_structure(0.0) \
+                and hasattr(target_stderr, "dtype") and jnp.ndim(target_stderr) == 0:
+            return jax.tree_util.tree_map(lambda a: leaf(target_stderr, a), theta)
+        raise bad(f"{type(target_stderr).__name__} of structure {got} ({target_stderr!r:.60})")
+    return jax.tree_util.tree_map(leaf, target_stderr, theta)

@@ -16,12 +16,12 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import engine, fitted, validation
+from scoregrad._src import api, engine, fitted, validation
 from scoregrad._src.base import Estimator, UnitOut, no_update
 from scoregrad._src.family import Family
 
@@ -32,6 +32,77 @@ def _check_proposal(proposal, who):
     if not isinstance(proposal, Family):
         raise TypeError(f"{who}: `proposal` must be a scoregrad.Family (the distribution q that "
                         f"drew the samples); got {type(proposal).__name__}.")
+
+
+def _check_proposal_theta(proposal_theta, who):
+    """``proposal_theta`` must be a non-empty pytree of floating-point arrays (q's parameters)."""
+    leaves = jax.tree_util.tree_leaves_with_path(proposal_theta)
+    if not leaves:
+        raise ValueError(f"{who}: `proposal_theta` has no array leaves; pass the parameters of "
+                         "the proposal q, e.g. proposal_theta=jnp.zeros(3).")
+    for path, leaf in leaves:
+        name = "proposal_theta" + jax.tree_util.keystr(path)
+        try:
+            dtype = jnp.result_type(leaf)
+        except TypeError:
+            raise TypeError(f"{who}: `{name}` is a {type(leaf).__name__} ({leaf!r:.40}); "
+                            "proposal_theta must be a pytree of floating-point arrays.") from None
+        if isinstance(leaf, bool) or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{who}: `{name}` has dtype {dtype}; the proposal's parameters must "
+                            "be floating point. Cast them, e.g. jnp.asarray(value, jnp.float32).")
+
+
+def _proposal_draw(proposal, proposal_theta, key, who):
+    """The form of one draw of q (``key``: what ``proposal.sample`` is given)."""
+    return api._traced_struct(
+        proposal.sample, (proposal_theta, key), f"{who}: proposal.sample(proposal_theta, key)",
+        "Check that `proposal_theta` has the structure `proposal` expects (its parameters, not "
+        "the target's).",
+    )
+
+
+def _check_draws_match(q_draw, p_draw, who):
+    """Draws of q must have the form of draws of p (structure, shapes, float vs integer)."""
+    if p_draw is None:
+        return
+    got: Any = jax.tree_util.tree_structure(q_draw)
+    want: Any = jax.tree_util.tree_structure(p_draw)
+    if got != want:
+        raise TypeError(f"{who}: the proposal draws x of structure {got}, but the target family "
+                        f"draws {want}; `proposal` and `proposal_theta` must describe a "
+                        "distribution on the same space as the family.")
+    for a, b in zip(jax.tree_util.tree_leaves(q_draw), jax.tree_util.tree_leaves(p_draw)):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"{who}: the proposal draws x of shape {tuple(a.shape)}, but the "
+                             f"target family draws shape {tuple(b.shape)}; check `proposal_theta` "
+                             "(its shape sets the proposal's draw shape).")
+        if jnp.issubdtype(a.dtype, jnp.inexact) != jnp.issubdtype(b.dtype, jnp.inexact):
+            raise TypeError(f"{who}: the proposal draws dtype {a.dtype}, but the target family "
+                            f"draws {b.dtype}; `proposal` must be a distribution on the same "
+                            "space as the family.")
+
+
+def _check_log_probs(family, theta, proposal, proposal_theta, x_struct, who):
+    theta_def = jax.tree_util.tree_structure(theta)
+    lp = api._traced_struct(
+        family.log_prob, (theta, x_struct), "family.log_prob(theta, x)",
+        f"Check that family.log_prob accepts theta of structure {theta_def} and the proposal's "
+        "draws.")
+    validation.check_scalar_float(
+        lp, "family.log_prob(theta, x)",
+        "It must return the log-density of ONE draw; sum over independent coordinates.")
+    lq = api._traced_struct(
+        proposal.log_prob, (proposal_theta, x_struct), "proposal.log_prob(proposal_theta, x)",
+        "Check that `proposal_theta` has the structure `proposal` expects.")
+    validation.check_scalar_float(
+        lq, "proposal.log_prob(proposal_theta, x)",
+        "It must return the log-density of ONE draw; sum over independent coordinates.")
+
+
+def _check_f(f, x_struct):
+    fs = api._traced_struct(f, (x_struct,), "f(x)", "f must accept one draw x of the proposal.")
+    validation.check_scalar_float(
+        fs, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`.")
 
 
 def importance_weighted(proposal: Family, proposal_theta: PyTree) -> Estimator:
@@ -64,6 +135,18 @@ def importance_weighted(proposal: Family, proposal_theta: PyTree) -> Estimator:
       (0.5, 0.25)
     """
     _check_proposal(proposal, "importance_weighted")
+    _check_proposal_theta(proposal_theta, "importance_weighted")
+
+    def check(model, theta, x_struct):
+        who = "importance_weighted"
+        key = jax.random.PRNGKey(0) if model.legacy_key else jax.random.key(0)
+        _check_draws_match(_proposal_draw(proposal, proposal_theta, key, who), x_struct, who)
+        lq = api._traced_struct(
+            proposal.log_prob, (proposal_theta, x_struct), "proposal.log_prob(proposal_theta, x)",
+            "Check that `proposal_theta` has the structure `proposal` expects.")
+        validation.check_scalar_float(
+            lq, "proposal.log_prob(proposal_theta, x)",
+            "It must return the log-density of ONE draw; sum over independent coordinates.")
 
     def unit(model, params, key, x, state):
         del state
@@ -82,6 +165,7 @@ def importance_weighted(proposal: Family, proposal_theta: PyTree) -> Estimator:
         unit=unit,
         weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
         update=no_update,
+        check=check,
     )
 
 
@@ -95,6 +179,8 @@ class ImportanceEstimate(NamedTuple):
       ess: Kish's effective sample size :math:`(\\sum w)^2 / \\sum w^2` (in draws).
       num_samples: draws used.
       self_normalized: which estimator this is.
+      num_nonfinite: draws whose f, importance weight or gradient row was NaN or infinite
+        (see ``nan_policy``).
     """
 
     value: jax.Array
@@ -105,6 +191,7 @@ class ImportanceEstimate(NamedTuple):
     ess: jax.Array
     num_samples: int
     self_normalized: bool
+    num_nonfinite: Any = None
 
 
 class _WStats(NamedTuple):
@@ -131,7 +218,7 @@ def _merge_w(a: _WStats, b: _WStats) -> _WStats:
 def estimate_grad_importance(
     f: Callable, family: Family, theta: PyTree, *, proposal: Family, proposal_theta: PyTree,
     samples: PyTree = None, key: jax.Array | None = None, num_samples: int | None = None,
-    self_normalized: bool = True, chunk_size: int | None = None,
+    self_normalized: bool = True, chunk_size: int | None = None, nan_policy: str = "raise",
 ) -> ImportanceEstimate:
     r"""Importance-weighted score-function gradient with effective sample size.
 
@@ -149,6 +236,11 @@ def estimate_grad_importance(
       samples: draws from q (leading axis N), or ``None`` to draw ``num_samples`` with ``key``.
       self_normalized: which estimator.
       chunk_size: draws per chunk (memory bound).
+      nan_policy: ``"raise"`` (default) raises when f, an importance weight or a gradient row is
+        NaN or infinite for some draw (as :func:`scoregrad.estimate_grad` does, also under
+        ``jit``/``vmap``); ``"propagate"`` keeps them (the estimate becomes non-finite) and
+        counts them in ``num_nonfinite``. ``"drop"`` is refused: self-normalization shares the
+        weights of all draws, so a draw cannot be left out of one pass alone.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -162,14 +254,37 @@ def estimate_grad_importance(
       >>> bool(abs(r.grad["loc"][0] - 1.0) < 5 * r.stderr["loc"][0]), bool(r.ess < 4000)
       (True, True)
     """
-    validation.check_callable(f, "f", "estimate_grad_importance")
-    _check_proposal(proposal, "estimate_grad_importance")
+    who = "estimate_grad_importance"
+    validation.check_callable(f, "f", who)
+    _check_proposal(proposal, who)
     if not isinstance(family, Family):
-        raise TypeError(f"estimate_grad_importance: `family` must be a scoregrad.Family; got {family!r}.")
+        raise TypeError(f"{who}: `family` must be a scoregrad.Family; got {family!r}.")
+    if nan_policy not in ("raise", "propagate"):
+        if nan_policy == "drop":
+            raise ValueError(f"{who}: nan_policy='drop' is not supported: the self-normalized "
+                             "estimator and the weight shift use every draw's weight. Use "
+                             "nan_policy='raise' (the default) or 'propagate'.")
+        raise ValueError(f"{who}: `nan_policy` must be 'raise' or 'propagate'; got {nan_policy!r}.")
     validation.check_theta(theta)
+    _check_proposal_theta(proposal_theta, who)
     inputs, n, legacy = _inputs(samples, key, num_samples)
+    chunk = validation.check_chunk_size(chunk_size)
+    p_draw = api._draw_struct(family, theta)
+    if samples is None:
+        assert key is not None  # _inputs: exactly one of samples and key
+        user_key = key if legacy else validation.normalize_key(key)
+        x_struct = _proposal_draw(proposal, proposal_theta, user_key, who)
+        _check_draws_match(x_struct, p_draw, who)
+    else:
+        samples = jax.tree_util.tree_map(jnp.asarray, samples)
+        x_struct = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), samples)
+        if p_draw is not None:
+            validation.check_samples(samples, p_draw)
+    _check_log_probs(family, theta, proposal, proposal_theta, x_struct, who)
+    _check_f(f, x_struct)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(theta))
-    c = validation.check_chunk_size(chunk_size) or engine.auto_chunk_size(n, 1024)
+    c = chunk or engine.auto_chunk_size(n, 1024)
 
     def draw(k, x):
         if x is None:
@@ -202,10 +317,20 @@ def estimate_grad_importance(
 
     def pass2(keys, xs):
         rows, vals = jax.vmap(row)(keys, xs)
-        return fitted._fstats(vals, dtype), fitted.moments_of(rows, dtype)
+        ok = jnp.ones(vals.shape[:1], bool)
+        for leaf in jax.tree_util.tree_leaves(rows):
+            ok = ok & jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+        return fitted._fstats(vals, dtype, ok), fitted.moments_of(rows, dtype)
 
-    _, mom = fitted.loop(pass2, lambda p, q: engine.merge("diag", p, q), inputs, n, c)
-    return _finish(mom, ws, n, self_normalized, vhat)
+    fs, mom = fitted.loop(pass2, lambda p, q: engine.merge("diag", p, q), inputs, n, c)
+    # A non-finite f or weight makes that draw's term (and, through the shift or the
+    # self-normalizing mean, possibly every draw's) non-finite: counted in pass 2's statistics.
+    checks = cast(Any, api._Prepared)(None, None, None, None, n, c, dtype, nan_policy)
+    fs = api._apply_nan_policy(checks, fs, who)
+    res = _finish(mom, ws, n, self_normalized, vhat)
+    guard = lambda t: jax.tree_util.tree_map(lambda a: api._guard(a, fs), t)  # noqa: E731
+    return res._replace(value=guard(res.value), grad=guard(res.grad), stderr=guard(res.stderr),
+                        num_nonfinite=fs.nonfinite)
 
 
 def _inputs(samples, key, num_samples):

@@ -349,7 +349,8 @@ def qmc(estimator: Estimator | None = None, *, block_size: int = 64, transform=N
 
 
 def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num_samples: int,
-                      step: float = 1e-3, chunk_size: int | None = None):
+                      step: float = 1e-3, chunk_size: int | None = None,
+                      nan_policy: str = "raise"):
     r"""Central finite differences with common random numbers across theta (e.g. for Greeks).
 
     .. math::
@@ -361,6 +362,11 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
     variance stays bounded as :math:`h \to 0` (independent draws would blow it up like
     :math:`1/h^2`). **Biased** by :math:`O(h^2)` (f smooth in theta through the sampler). Needs
     nothing from f but evaluations, and 2P + 1 of them per draw for P parameters.
+
+    ``nan_policy``: ``"raise"`` (default) raises when f is NaN or infinite at some draw (at
+    theta or at a shifted theta), as :func:`scoregrad.estimate_grad` does, also under
+    ``jit``/``vmap``; ``"propagate"`` keeps the non-finite values and counts the draws in
+    ``num_nonfinite``. ``"drop"`` is refused (``ValueError``).
 
     Returns:
       A :class:`scoregrad.GradEstimate` (``num_samples`` counts draws).
@@ -374,20 +380,37 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
       >>> bool(jnp.allclose(r.grad["loc"], 1.0, atol=1e-3))
       True
     """
+    from typing import cast
+
     from jax.flatten_util import ravel_pytree
 
-    from scoregrad._src import fitted, validation
+    from scoregrad._src import api, fitted, validation
     from scoregrad._src.api import GradEstimate
     from scoregrad._src.family import Family
 
-    validation.check_callable(f, "f", "finite_difference")
+    who = "finite_difference"
+    validation.check_callable(f, "f", who)
     if not isinstance(family, Family):
         raise TypeError(f"finite_difference: `family` must be a scoregrad.Family; got {family!r}.")
+    if nan_policy not in ("raise", "propagate"):
+        raise ValueError(
+            f"{who}: `nan_policy` must be 'raise' or 'propagate' ('drop' is not supported: a "
+            f"draw enters every coordinate's difference); got {nan_policy!r}.")
     validation.check_theta(theta)
-    n = validation.check_num_samples(num_samples, minimum=2, who="finite_difference")
+    n = validation.check_num_samples(num_samples, minimum=2, who=who)
     if not isinstance(step, (int, float)) or isinstance(step, bool) or not step > 0:
         raise ValueError(f"finite_difference(step=...) must be a positive float; got {step!r}.")
+    chunk = validation.check_chunk_size(chunk_size)
     typed, legacy = validation.normalize_key(key), validation.is_legacy_key(key)
+    user_key = jax.random.key_data(typed) if legacy else typed
+    theta_def = jax.tree_util.tree_structure(theta)
+    x_struct = api._traced_struct(
+        family.sample, (theta, user_key), "family.sample(theta, key)",
+        f"Check that it accepts theta of structure {theta_def} and a PRNG key.")
+    f_struct = api._traced_struct(f, (x_struct,), "f(x)",
+                                  "f must accept one draw x as the family samples it.")
+    validation.check_scalar_float(
+        f_struct, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`.")
     flat, unravel = ravel_pytree(theta)
     dtype = flat.dtype
     shifts = float(step) * jnp.eye(flat.size, dtype=dtype)
@@ -398,18 +421,23 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
         diff = (jax.vmap(fval)(flat + shifts) - jax.vmap(fval)(flat - shifts)) / (2 * step)
         return diff, fval(flat)
 
-    def chunk(keys, xs):
+    def run_chunk(keys, xs):
         del xs
         d, f0 = jax.vmap(per_unit)(keys)
-        return fitted._fstats(f0, dtype), fitted.moments_of(d[:, None, :], dtype)
+        # A draw counts once when f is finite at theta but not at a shifted theta (its
+        # difference row is then non-finite).
+        ok = jnp.all(jnp.isfinite(d), axis=1)
+        return fitted._fstats(f0, dtype, ok), fitted.moments_of(d[:, None, :], dtype)
 
-    c = chunk_size or max(1, min(n, 2**16 // max(1, 2 * flat.size + 1)))
-    fs, mom = fitted.loop(chunk, lambda a, b: fitted.engine.merge("diag", a, b),
+    c = chunk or max(1, min(n, 2**16 // max(1, 2 * flat.size + 1)))
+    fs, mom = fitted.loop(run_chunk, lambda a, b: fitted.engine.merge("diag", a, b),
                           fitted.unit_inputs(typed, None, 0), n, c)
+    checks = cast(Any, api._Prepared)(None, None, None, None, n, c, dtype, nan_policy)
+    fs = api._apply_nan_policy(checks, fs, who)
     var = mom.comoment[0, 0] / (n - 1)
-    grad, se = mom.mean[0], jnp.sqrt(var / n)
+    grad, se = api._guard(mom.mean[0], fs), jnp.sqrt(var / n)
     return GradEstimate(
-        value=fs.mean, value_stderr=jnp.sqrt(fs.m2 / (n - 1) / n), grad=unravel(grad),
-        stderr=unravel(se), variance=unravel(var), snr=unravel(jnp.abs(grad) / se),
-        num_samples=n, num_nonfinite=fs.nonfinite, state=(),
+        value=api._guard(fs.mean, fs), value_stderr=jnp.sqrt(fs.m2 / (n - 1) / n),
+        grad=unravel(grad), stderr=unravel(se), variance=unravel(var),
+        snr=unravel(jnp.abs(grad) / se), num_samples=n, num_nonfinite=fs.nonfinite, state=(),
     )
