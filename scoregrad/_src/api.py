@@ -342,7 +342,8 @@ def _finish(prep: _Prepared, out: engine.EngineOut, state, ref=0.0) -> GradEstim
     fs = _unshift(fs, jnp.asarray(ref))
     new_state = est.update(state, fs)
     plain = jax.tree_util.tree_map(
-        lambda c, v: per_unit(engine.term0_comoment(c, ref)) / v, mom.comoment, var)
+        lambda c, v: per_unit(engine.term0_comoment(c, ref, est.shift_term)) / v,
+        mom.comoment, var)
     return GradEstimate(
         value=fs.mean,
         value_stderr=value_stderr,

@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from scoregrad._src.base import Estimator
+
 PyTree = Any
 _Z_DISAGREE = 6.0
 _COSTS = ("evaluations", "time")
@@ -194,6 +196,12 @@ def auto(f: Callable, family, theta: PyTree, key: jax.Array, *, num_samples: int
     cands = list(default_candidates(family, num_samples) if candidates is None else candidates)
     if not cands:
         raise ValueError("auto(candidates=...) must name at least one estimator.")
+    for i, est in enumerate(cands):
+        if not isinstance(est, Estimator):
+            raise TypeError(
+                f"auto(candidates=...): `candidates[{i}]` must be an estimator such as "
+                f"sg.score_function() or sg.pathwise(); got {type(est).__name__} {est!r}."
+            )
     timed = repeats if cost == "time" else 0
     ref, *_ = _measure(f, family, theta, key, num_samples, score_function(), 0)
     g_ref, s_ref = _flat(ref.grad), _flat(ref.stderr)

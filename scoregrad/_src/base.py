@@ -121,8 +121,13 @@ class Estimator(NamedTuple):
         ``jax.hessian`` of the expectation raises ``ValueError`` instead of returning the zeros
         of a first-order surrogate.
       shift_invariant: True if the estimate is exactly unchanged by a constant added to f (a
-        baseline that moves with f: leave-one-out, batch mean, optimal; RLOO). The engine then
-        centres f on a reference value so that float32 sums do not cancel.
+        baseline that moves with f: leave-one-out, batch mean, optimal; RLOO, VIMCO, ARM,
+        enumeration, measure-valued, pathwise). The engine then centres f on a reference value
+        so that float32 sums do not cancel.
+      shift_term: for a shift-invariant estimator whose term 0 alone is not (the score term of a
+        score function with a baseline), the index of the term whose per-unit gradient, times
+        the reference value, restores term 0 on f itself (the baseline's constant feature);
+        the ``variance_reduction`` diagnostic uses it. ``None``: term 0 needs no correction.
     """
 
     name: str
@@ -144,6 +149,7 @@ class Estimator(NamedTuple):
     specialize: Optional[Callable[..., "Estimator"]] = None
     max_order: Optional[int] = None
     shift_invariant: bool = False
+    shift_term: Optional[int] = None
 
 
 class Baseline(NamedTuple):

@@ -256,8 +256,14 @@ def learned(fn: Callable, params: Any, optimizer: Any) -> tuple[Baseline, Callab
         return LearnedState(params, optimizer.init(params))
 
     def features(f, state, x):
-        b = fn(jax.lax.stop_gradient(state.params), x)
-        return jnp.reshape(jnp.asarray(b, f.dtype), (1,))
+        b = jnp.asarray(fn(jax.lax.stop_gradient(state.params), x))
+        if b.size != 1:  # static at trace time: a vector baseline has no meaning per draw
+            raise ValueError(
+                "sg.baselines.learned(fn=...): the baseline `fn(phi, x)` must return a scalar "
+                f"(one value per draw); got shape {b.shape}. Reduce it, e.g. jnp.sum(...), "
+                "or index the context part of x."
+            )
+        return jnp.reshape(b.astype(f.dtype), (1,))
 
     def fit(state: LearnedState, xs, fvals, weights=None):
         fvals = jax.lax.stop_gradient(jnp.asarray(fvals))

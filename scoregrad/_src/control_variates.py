@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from scoregrad._src import families
 from scoregrad._src.base import Estimator, FStats, UnitOut, magic_box, no_update
 from scoregrad._src.estimators import traits
 from scoregrad._src.estimators.score import score_function
@@ -190,9 +191,24 @@ def _cv_term(inner: Estimator, cv: ControlVariate, model, params, key, x, state)
     """
     cv = _resolved(cv, model.family)
     assert cv.h is not None and cv.mean is not None  # _resolved raised otherwise
-    model_h, params_h = _on_integrand(model, params, cv.h)
+    who = f"with_control_variates({inner.name}): control variate {cv.name!r}"
+    h = cv.h
+
+    def checked_h(y, th):  # shapes are static: these checks run once, at trace time
+        out = jnp.asarray(h(y, th))
+        if out.shape != ():
+            raise ValueError(f"{who}: `h(x, theta)` must return a scalar; got shape {out.shape}.")
+        return out
+
+    model_h, params_h = _on_integrand(model, params, checked_h)
     term = inner.unit(model_h, params_h, key, x, state).terms[0]
-    return term - jnp.asarray(cv.mean(params.theta)).astype(term.dtype)
+    mean = jnp.asarray(cv.mean(params.theta))
+    if mean.shape != ():
+        raise ValueError(
+            f"{who}: `mean(theta)` must return a scalar, the expectation of the scalar "
+            f"h(x, theta); got shape {mean.shape}."
+        )
+    return term - mean.astype(term.dtype)
 
 
 def with_control_variates(
@@ -298,13 +314,10 @@ def _log_prob_terms(family):
     kind = (family.capabilities or {}).get("kind") if family.capabilities is not None else None
     if kind == "normal":
         return lambda th, x: jax.scipy.stats.norm.logpdf(x, th["loc"], th["scale"])
-    if kind == "bernoulli":
-        return lambda th, x: x * jax.nn.log_sigmoid(th) + (1 - x) * jax.nn.log_sigmoid(-th)
+    if kind == "bernoulli":  # the families' own terms: -inf off the support, like log_prob
+        return families._bernoulli_log_prob_terms
     if kind == "categorical":
-        def terms(th, x):
-            logp = jax.nn.log_softmax(th, axis=-1)
-            return jnp.take_along_axis(logp, x[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        return terms
+        return families._categorical_log_prob_terms
     raise TypeError(
         f"rao_blackwell: family {family.name!r} has no built-in per-coordinate log-density; pass "
         "log_prob_terms(theta, x) -> array whose sum is log_prob(theta, x)."

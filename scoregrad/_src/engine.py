@@ -133,17 +133,17 @@ def _merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, co)
 
 
-def term0_comoment(comoment: jax.Array, ref) -> jax.Array:
+def term0_comoment(comoment: jax.Array, ref, shift_term: Optional[int]) -> jax.Array:
     """The co-moment of term 0's per-unit gradient on f itself, from that on ``f - ref``.
 
-    Shift-invariant estimators run on f centred on ``ref`` (``Model.f_shift``); their term 0 is
-    the score term ``box * (f - ref)`` and their term 1 the baseline's constant feature
-    ``(1 - box) * 1``, so term 0 on f is ``g0 - ref * g1``. (Single-term estimators: unchanged.)
+    Shift-invariant estimators run on f centred on ``ref`` (``Model.f_shift``). Where term 0
+    alone depends on the shift (the score term ``box * (f - ref)``), term ``j = shift_term`` is
+    the baseline's constant feature ``(1 - box) * 1`` and term 0 on f is ``g0 - ref * gj``.
     """
-    if comoment.shape[0] < 2:
+    if shift_term is None:
         return comoment[0, 0]
-    r = jnp.asarray(ref, comoment.dtype)
-    return comoment[0, 0] - 2 * r * comoment[0, 1] + r * r * comoment[1, 1]
+    r, j = jnp.asarray(ref, comoment.dtype), shift_term
+    return comoment[0, 0] - 2 * r * comoment[0, j] + r * r * comoment[j, j]
 
 
 def counter_key(key: jax.Array) -> jax.Array:

@@ -107,9 +107,22 @@ def _bernoulli_sample(logits, key):
     return (u < jax.nn.sigmoid(logits)).astype(jnp.result_type(logits))
 
 
+def _bernoulli_log_prob_terms(logits, x):
+    """Per-coordinate log-masses: x log sigma(l) + (1 - x) log sigma(-l), stable for any logit,
+    and -inf where x is not 0 or 1 (outside the support: given samples are not clamped into it).
+
+    Double where: the out-of-support coordinates are evaluated at x = 0, so nothing non-finite
+    reaches the gradient of the in-support ones (and theirs is exactly the unmasked one).
+    """
+    x = jnp.asarray(x)
+    inside = (x == 0) | (x == 1)
+    xs = jnp.where(inside, x, jnp.zeros_like(x))
+    terms = xs * jax.nn.log_sigmoid(logits) + (1 - xs) * jax.nn.log_sigmoid(-logits)
+    return jnp.where(inside, terms, -jnp.inf)
+
+
 def _bernoulli_log_prob(logits, x):
-    # x log sigma(l) + (1 - x) log sigma(-l), stable for any logit.
-    return jnp.sum(x * jax.nn.log_sigmoid(logits) + (1 - x) * jax.nn.log_sigmoid(-logits))
+    return jnp.sum(_bernoulli_log_prob_terms(logits, x))
 
 
 def _bernoulli_support(logits):
@@ -147,10 +160,23 @@ def _categorical_sample(logits, key):
     return jax.random.categorical(key, logits, axis=-1)
 
 
-def _categorical_log_prob(logits, x):
+def _categorical_log_prob_terms(logits, x):
+    """Per-categorical log-masses, shape ``logits.shape[:-1]``; -inf for an index outside
+    ``[0, K)`` (a negative index must not wrap to the last category, nor one >= K be clipped
+    or filled). Double where: such indices read category 0, so nothing non-finite reaches the
+    gradient of the valid ones."""
     logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.asarray(x)[..., None].astype(jnp.int32), axis=-1)
-    return jnp.sum(picked)
+    x = jnp.asarray(x)
+    k = jnp.shape(logits)[-1]
+    idx = x.astype(jnp.int32)
+    inside = (idx >= 0) & (idx < k) & (idx == x)  # idx == x: a non-integer index is outside
+    idx = jnp.where(inside, idx, 0)
+    picked = jnp.take_along_axis(logp, idx[..., None], axis=-1)[..., 0]
+    return jnp.where(inside, picked, -jnp.inf)
+
+
+def _categorical_log_prob(logits, x):
+    return jnp.sum(_categorical_log_prob_terms(logits, x))
 
 
 def _categorical_support(logits):

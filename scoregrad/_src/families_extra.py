@@ -77,7 +77,13 @@ def poisson() -> Family:
         return jax.random.poisson(key, rate, jnp.shape(log_rate)).astype(_dtype(log_rate))
 
     def log_prob(log_rate, x):
-        return jnp.sum(x * log_rate - jnp.exp(log_rate) - gammaln(x + 1.0))
+        # -inf off the support (negative or non-integer counts, e.g. given samples); the double
+        # where evaluates those at x = 0 so the in-support gradient stays exactly as it was
+        x = jnp.asarray(x)
+        inside = (x >= 0) & (x == jnp.floor(x))
+        xs = jnp.where(inside, x, jnp.zeros_like(x))
+        terms = xs * log_rate - jnp.exp(log_rate) - gammaln(xs + 1.0)
+        return jnp.sum(jnp.where(inside, terms, -jnp.inf))
 
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=False, name="poisson",
@@ -106,7 +112,11 @@ def exponential() -> Family:
         return jax.random.exponential(key, jnp.shape(rate), _dtype(rate)) / rate
 
     def log_prob(rate, x):
-        return jnp.sum(jnp.log(rate) - rate * x)
+        # -inf for x < 0 (off the support); double where as in poisson
+        x = jnp.asarray(x)
+        inside = x >= 0
+        xs = jnp.where(inside, x, jnp.zeros_like(x))
+        return jnp.sum(jnp.where(inside, jnp.log(rate) - rate * xs, -jnp.inf))
 
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=True, name="exponential",

@@ -232,7 +232,7 @@ def estimate(prep, state, samples=None, ref=0.0):
     grad, est_var, fs, mom = _combine(est, outs, state, u)
     var = jax.tree_util.tree_map(lambda v: v * u, est_var)
     stderr = jax.tree_util.tree_map(jnp.sqrt, est_var)
-    plain = jax.tree_util.tree_map(lambda c: engine.term0_comoment(c, ref) / (u - 1), mom.comoment)
+    plain = jax.tree_util.tree_map(lambda c: engine.term0_comoment(c, ref, est.shift_term) / (u - 1), mom.comoment)
     fvar = fs.m2 / jnp.maximum(fs.count - 1, 1)
     return GradEstimate(
         value=fs.mean,

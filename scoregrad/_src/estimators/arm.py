@@ -95,6 +95,7 @@ def _make(name: str, gradient) -> Estimator:
         draws_per_unit=2,
         check=_check(f"{name}()"),
         max_order=1,
+        shift_invariant=True,
     )
 
 

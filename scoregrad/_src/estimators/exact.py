@@ -19,6 +19,7 @@ def _estimator(name, unit, draws_per_unit, specialize) -> Estimator:
         draws_per_unit=draws_per_unit,
         specialize=specialize,
         max_order=1 if name == "indecater" else None,
+        shift_invariant=True,
     )
 
 

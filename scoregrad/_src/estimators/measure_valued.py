@@ -124,4 +124,5 @@ def _build(draws_per_unit: int, decomposition) -> Estimator:
         draws_per_unit=draws_per_unit,
         specialize=specialize,
         max_order=1,
+        shift_invariant=True,
     )

@@ -171,4 +171,4 @@ def vimco(num_particles: int) -> Estimator:
 
     mark_not_unbiased(unit, f"vimco({k}) estimates the gradient of the log-mean-exp bound, not "
                       "of E[f]")
-    return _estimator(f"vimco({k})", unit, k)
+    return _estimator(f"vimco({k})", unit, k, shift_invariant=True)

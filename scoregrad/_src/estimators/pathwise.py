@@ -80,4 +80,5 @@ def pathwise() -> Estimator:
         unit,
         draws_per_unit=1,
         check=_check,
+        shift_invariant=True,
     )

@@ -90,6 +90,8 @@ def score_function(baseline: Optional[Baseline] = None) -> Estimator:
         fitted=tuple(1 + i for i in baseline.fitted),
         presample=True,
         shift_invariant=baseline.shift_invariant,
+        # leave_one_out's and optimal's first feature is the constant 1: term 1 is -score.
+        shift_term=1 if baseline.shift_invariant else None,
     )
 
 
