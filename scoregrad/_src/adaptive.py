@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src import api, engine
+from scoregrad._src import engine, policy, problem
+from scoregrad._src.results import per_unit_variance, summarize
 
 PyTree = Any
 
@@ -48,7 +49,8 @@ def _stats(est, fs, mom, state, target):
     w = jax.lax.stop_gradient(est.weights(fs, state, u))
     grad = jax.tree_util.tree_map(lambda m: jnp.tensordot(w.astype(m.dtype), m, axes=1), mom.mean)
     var = jax.tree_util.tree_map(
-        lambda c: jnp.maximum(jnp.einsum("k,l,kl...->...", w.astype(c.dtype), w.astype(c.dtype), c), 0)
+        lambda c: jnp.maximum(jnp.tensordot(w.astype(c.dtype), jnp.tensordot(
+            w.astype(c.dtype), c, axes=([0], [1])), axes=([0], [0])), 0)
         / jnp.maximum(u - 1, 1),
         mom.comoment,
     )
@@ -107,8 +109,9 @@ def estimate_grad_adaptive(
     _check_count(max_samples, "max_samples", minimum=1)
     if min_samples is not None:
         _check_count(min_samples, "min_samples", minimum=1)
-    prep = api._prepare(f, family, theta, key, max_samples, estimator, chunk_size, where,
-                        nan_policy=nan_policy)
+    run_policy = policy.make_policy(where, nan_policy, None, chunk_size)
+    prep = problem.prepare(f, family, theta, key, max_samples, estimator, where,
+                           policy=run_policy, num_samples_name="max_samples")
     est = prep.est
     if est.fitted:
         raise TypeError(
@@ -116,7 +119,7 @@ def estimate_grad_adaptive(
             "number of samples; use sg.estimate_grad, or a baseline such as leave_one_out()."
         )
     target = _target(target_stderr, theta)
-    state = api._init_state(est, theta, state)
+    state = problem.init_state(est, theta, state)
     c = prep.chunk
     max_chunks = max(1, prep.num_units // c)
     if min_samples is None:
@@ -131,11 +134,14 @@ def estimate_grad_adaptive(
             "sg.estimate_grad with a fixed num_samples."
         )
     raising = prep.nan_policy == "raise"
+    unit_key = prep.key
+    assert unit_key is not None  # drawn from a key (no given samples here)
     chunk = engine.make_chunk(prep.model, est, prep.params, state, "diag", prep.dtype,
                               drop=prep.nan_policy == "drop")
 
     def step(k):
-        return chunk(engine.unit_keys(prep.key, (k * c).astype(jnp.uint32), c), None)
+        return chunk(engine.unit_keys(unit_key, (k * c).astype(jnp.uint32), c), None,
+                     (k * c).astype(jnp.int32))
 
     def cond(carry):
         k, fs, mom = carry
@@ -151,20 +157,16 @@ def estimate_grad_adaptive(
 
     fs, mom = step(jnp.asarray(0, jnp.uint32))
     k, fs, mom = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.uint32), fs, mom))
-    fs = api._apply_nan_policy(prep, fs, where)
+    fs = policy.check_nonfinite(prep.policy, fs, where)
     grad, var, se, met = _stats(est, fs, mom, state, target)
-    grad = jax.tree_util.tree_map(lambda g: api._guard(g, fs), grad)
-    u = mom.count
-    plain = jax.tree_util.tree_map(lambda cm, v: cm[0, 0] / jnp.maximum(u - 1, 1) / v,
-                                   mom.comoment, var)
+    plain = jax.tree_util.tree_map(
+        lambda cm: per_unit_variance(engine.term0_comoment(cm, 0.0, None), mom.count),
+        mom.comoment)
     new_state = _learn(prep, est.update(state, fs), k, min_chunks, max_chunks)
-    result = api.GradEstimate(
-        value=api._guard(fs.mean, fs),
-        value_stderr=jnp.sqrt(fs.m2 / jnp.maximum(fs.count - 1, 1) / fs.count),
-        grad=grad, stderr=se, variance=var,
-        snr=jax.tree_util.tree_map(lambda g, s: jnp.abs(g) / s, grad, se),
-        num_samples=(k * c * est.draws_per_unit).astype(jnp.int32), num_nonfinite=fs.nonfinite,
-        state=new_state, variance_reduction=plain,
+    result = summarize(
+        fs=fs._replace(mean=policy.guard(fs.mean, fs)), grad=policy.guard_tree(grad, fs),
+        variance=var, n_units=mom.count, stderr=se, plain_variance=plain,
+        num_samples=(k * c * est.draws_per_unit).astype(jnp.int32), state=new_state,
     )
     return AdaptiveEstimate(result, met, ~met, k)
 
@@ -174,7 +176,7 @@ _MAX_LEARN_BRANCHES = 16
 
 
 def _learn(prep, state, k, min_chunks: int, max_chunks: int):
-    """The estimator's learning step (as ``api._learn``) on the ``k * chunk`` units drawn.
+    """The estimator's learning step (as ``problem.learn``) on the ``k * chunk`` units drawn.
 
     ``learn`` takes a static number of units, and ``k`` is traced: one branch per possible
     ``k`` in ``[min_chunks, max_chunks]`` (the loop cannot stop outside it, except early under

@@ -13,6 +13,7 @@ never by ``num_samples``. Three modes:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -114,7 +115,7 @@ def _merge_fstats(a: FStats, b: FStats) -> FStats:
     return FStats(n, mean, m2, a.nonfinite + b.nonfinite, a.units + b.units)
 
 
-def _merge_moments(a: Moments, b: Moments) -> Moments:
+def merge_moments(a: Moments, b: Moments) -> Moments:
     n = a.count + b.count
     safe_n = jnp.where(n > 0, n, 1)
     frac = b.count / safe_n
@@ -194,24 +195,30 @@ class Chunk:
         self.inner = inner
         self.draw = draw
 
-    def on_draws(self, xs):
-        return self.inner(None, xs)
+    def on_draws(self, xs, start):
+        return self.inner(None, xs, start)
 
-    def __call__(self, keys, xs):
+    def __call__(self, keys, xs, start):
         if keys is not None and self.draw is not None:
-            return self.inner(None, self.draw(keys))
-        return self.inner(keys, xs)
+            return self.inner(None, self.draw(keys), start)
+        return self.inner(keys, xs, start)
 
 
 def make_chunk(
-    model: Model, est: Estimator, params: Params, state, mode: str, dtype, drop: bool = False
+    model: Model, est: Estimator, params: Params, state, mode: str, dtype, drop: bool = False,
+    folds: Optional[tuple] = None, wrt: str = "theta",
 ) -> Chunk:
     """The :class:`Chunk` of ``est`` in ``mode``.
 
     With ``drop``, units whose f evaluations or terms are not finite are left out of every
     statistic (``FStats.count`` counts the kept evaluations; ``nonfinite`` all bad ones).
+    ``folds`` (mode ``"diag"``): the unit bounds ``(0, b1, ..., num_units)`` of contiguous folds;
+    the moments then have a leading fold axis (cross-fitting, :mod:`scoregrad._src.fitted`).
+    ``wrt`` (mode ``"diag"``): ``"theta"``, or ``"params"`` for the per-unit gradients in every
+    floating-point leaf of the parameters (a list of leaves), as the custom JVP of
+    :func:`scoregrad.expectation` needs when f closes over what is differentiated.
     """
-    inner = _make_chunk(model, est, params, state, mode, dtype, drop)
+    inner = _make_chunk(model, est, params, state, mode, dtype, drop, folds, wrt)
     if not est.presample:
         return Chunk(inner)
 
@@ -255,7 +262,29 @@ def _masked_moments(grads, ok, dtype) -> Moments:
     return Moments(count, mean, com)
 
 
-def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype, drop):
+def is_float(leaf) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def _fold_moments(grads, ok, dtype, folds, start) -> Moments:
+    """Per-fold masked moments, stacked on a leading fold axis."""
+    size = ok.shape[0]
+    idx = jnp.asarray(start, jnp.int32) + jnp.arange(size, dtype=jnp.int32)
+    fold = sum((idx >= b).astype(jnp.int32) for b in folds[1:-1])
+    per = [_masked_moments(grads, ok & (fold == a), dtype) for a in range(len(folds) - 1)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per)
+
+
+def moments_of(rows: PyTree, dtype, ok: Optional[jax.Array] = None) -> Moments:
+    """Mean and centred co-moments over the leading (unit) axis of leaves ``(c, K, *leaf)``;
+    with ``ok``, of those units only."""
+    first = jax.tree_util.tree_leaves(rows)[0]
+    keep = jnp.ones(first.shape[:1], bool) if ok is None else ok
+    return _masked_moments(rows, keep, dtype)
+
+
+def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype, drop,
+                folds=None, wrt="theta"):
     def unit(p: Params, key, x):
         return est.unit(model, p, key, x, state)
 
@@ -271,7 +300,7 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
 
     if mode == "value":
 
-        def chunk(keys, xs):
+        def chunk(keys, xs, start):
             out = jax.vmap(unit, in_axes=(None, 0, 0))(params, keys, xs)
             return fstats_of(out.fvals, dtype, jax.vmap(_unit_ok)(out), drop), None
 
@@ -279,7 +308,7 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
 
     if mode == "grad" and not drop:
 
-        def chunk(keys, xs):
+        def chunk(keys, xs, start):
             def summed(p):
                 out = jax.vmap(unit, in_axes=(None, 0, 0))(p, keys, xs)
                 return jnp.sum(out.terms, axis=0), out
@@ -298,7 +327,7 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
 
     if mode == "grad":  # drop: per-unit gradients, masked (a NaN never meets a zero cotangent)
 
-        def chunk(keys, xs):
+        def chunk(keys, xs, start):
             grads, out = jax.vmap(per_unit_grads, in_axes=(None, 0, 0))(params, keys, xs)
             ok = jax.vmap(_unit_ok)(out, grads)
 
@@ -309,38 +338,54 @@ def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, 
 
         return chunk
 
-    def theta_grads(key, x):
-        def terms(theta):
-            out = unit(params._replace(theta=theta), key, x)
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    float_idx = [i for i, leaf in enumerate(flat) if is_float(leaf)]
+
+    def with_leaves(diff):
+        full = list(flat)
+        for i, leaf in zip(float_idx, diff):
+            full[i] = leaf
+        return jax.tree_util.tree_unflatten(treedef, full)
+
+    def unit_grads(key, x):
+        def terms(v):
+            p = params._replace(theta=v) if wrt == "theta" else with_leaves(v)
+            out = unit(p, key, x)
             return out.terms, out
 
-        t, vjp_fn, out = jax.vjp(terms, params.theta, has_aux=True)
+        v0 = params.theta if wrt == "theta" else [flat[i] for i in float_idx]
+        t, vjp_fn, out = jax.vjp(terms, v0, has_aux=True)
         return _rows_of_jacobian(vjp_fn, est.num_terms, t.dtype), out
 
-    def diag_chunk(keys, xs):
-        grads, out = jax.vmap(theta_grads)(keys, xs)  # leaves (c, K, *leaf)
+    def diag_chunk(keys, xs, start):
+        grads, out = jax.vmap(unit_grads)(keys, xs)  # leaves (c, K, *leaf)
         ok = jax.vmap(_unit_ok)(out, grads)
         fs = fstats_of(out.fvals, dtype, ok, drop)
-        return fs, _masked_moments(grads, ok if drop else jnp.ones_like(ok), dtype)
+        keep = ok if drop else jnp.ones_like(ok)
+        if folds is not None:
+            return fs, _fold_moments(grads, keep, dtype, folds, start)
+        return fs, _masked_moments(grads, keep, dtype)
 
     return diag_chunk
 
 
-def merge(mode: str, acc, new):
+def merge(mode: str, acc, new, folds: Optional[tuple] = None):
     """Merges two chunk results ``(FStats, extra)`` of the given mode."""
     fs_a, extra_a = acc
     fs_b, extra_b = new
     fs = _merge_fstats(fs_a, fs_b)
     if mode == "grad":
         extra = jax.tree_util.tree_map(jnp.add, extra_a, extra_b)
+    elif mode == "diag" and folds is not None:
+        extra = jax.vmap(merge_moments)(extra_a, extra_b)
     elif mode == "diag":
-        extra = _merge_moments(extra_a, extra_b)
+        extra = merge_moments(extra_a, extra_b)
     else:
         extra = None
     return fs, extra
 
 
-def _run_range(chunk, mode, *, offset, num_units, c, key, samples):
+def _run_range(chunk, combine, *, offset, num_units, c, key, samples):
     """Units ``offset .. offset + num_units`` in chunks of ``c`` (``offset`` may be traced)."""
     c = min(c, num_units)
     n_full, rem = divmod(num_units, c)
@@ -353,39 +398,41 @@ def _run_range(chunk, mode, *, offset, num_units, c, key, samples):
             return None, xs
         return unit_keys(key, jnp.asarray(start, jnp.uint32), size), None
 
-    if samples is None and chunk.draw is not None and n_full >= 2:
+    draw = getattr(chunk, "draw", None)  # a Chunk that presamples, or a plain function
+    if samples is None and draw is not None and n_full >= 2:
         # Double-buffered: chunk i's draws arrive through the carry while chunk i + 1 is drawn.
         def body(carry, i):
             acc, xs = carry
             nxt = chunk.draw(inputs(offset + (i + 1) * c, c)[0])
-            return (merge(mode, acc, chunk.on_draws(xs)), nxt), None
+            return (combine(acc, chunk.on_draws(xs, offset + i * c)), nxt), None
 
         xs0 = chunk.draw(inputs(offset, c)[0])
         zeros = jax.tree_util.tree_map(
-            lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(chunk.on_draws, xs0)
+            lambda a: jnp.zeros(a.shape, a.dtype),
+            jax.eval_shape(lambda x: chunk.on_draws(x, offset), xs0),
         )
         (acc, last), _ = jax.lax.scan(
             body, (zeros, xs0), jnp.arange(n_full - 1, dtype=jnp.int32)
         )
-        acc = merge(mode, acc, chunk.on_draws(last))
+        acc = combine(acc, chunk.on_draws(last, offset + (n_full - 1) * c))
     elif n_full == 1:
-        acc = chunk(*inputs(offset, c))
+        acc = chunk(*inputs(offset, c), offset)
     else:
 
         def body(carry, i):
-            return merge(mode, carry, chunk(*inputs(offset + i * c, c))), None
+            return combine(carry, chunk(*inputs(offset + i * c, c), offset + i * c)), None
 
         zeros = jax.tree_util.tree_map(
             lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(lambda: chunk(*inputs(offset, c))),
+            jax.eval_shape(lambda: chunk(*inputs(offset, c), offset)),
         )
         acc, _ = jax.lax.scan(body, zeros, jnp.arange(n_full, dtype=jnp.int32))
     if rem:
-        acc = merge(mode, acc, chunk(*inputs(offset + n_full * c, rem)))
+        acc = combine(acc, chunk(*inputs(offset + n_full * c, rem), offset + n_full * c))
     return acc
 
 
-def _run_sharded(chunk, mode, *, devices, num_units, c, key):
+def _run_sharded(chunk, combine, *, devices, num_units, c, key):
     """Splits units into contiguous per-device ranges under ``shard_map``; merges in order."""
     n_dev = len(devices)
     per = num_units // n_dev
@@ -395,7 +442,7 @@ def _run_sharded(chunk, mode, *, devices, num_units, c, key):
     def body(key_data):
         k = jax.random.wrap_key_data(key_data, impl=impl)
         offset = jax.lax.axis_index("units").astype(jnp.int32) * per
-        acc = _run_range(chunk, mode, offset=offset, num_units=per, c=c, key=k, samples=None)
+        acc = _run_range(chunk, combine, offset=offset, num_units=per, c=c, key=k, samples=None)
         return jax.tree_util.tree_map(lambda a: a[None], acc)
 
     stacked = jax.shard_map(
@@ -403,14 +450,29 @@ def _run_sharded(chunk, mode, *, devices, num_units, c, key):
     )(jax.random.key_data(key))
     acc = jax.tree_util.tree_map(lambda a: a[0], stacked)
     for d in range(1, n_dev):
-        acc = merge(mode, acc, jax.tree_util.tree_map(lambda a, d=d: a[d], stacked))
+        acc = combine(acc, jax.tree_util.tree_map(lambda a, d=d: a[d], stacked))
     if num_units > per * n_dev:
         rest = _run_range(
-            chunk, mode, offset=per * n_dev, num_units=num_units - per * n_dev, c=c, key=key,
+            chunk, combine, offset=per * n_dev, num_units=num_units - per * n_dev, c=c, key=key,
             samples=None,
         )
-        acc = merge(mode, acc, rest)
+        acc = combine(acc, rest)
     return acc
+
+
+def run_chunks(chunk, combine, *, num_units: int, chunk_units: int, key=None, samples=None,
+               devices: Optional[tuple] = None):
+    """The one chunk loop: ``chunk(keys, xs, start) -> acc`` over ``num_units`` units in chunks
+    of ``chunk_units`` under ``lax.scan``, merged by ``combine(acc, acc)``; sharded across
+    ``devices`` (two or more) with ``shard_map`` when drawing from a key. Unit ``i`` draws from
+    ``fold_in(key, i)`` (or reads ``samples[i]``), so the result does not depend on the chunking
+    or the device count. Every runner (estimators, importance sampling, finite differences,
+    cross-fitting) goes through it."""
+    if devices is not None and samples is None and num_units >= len(devices):
+        return _run_sharded(chunk, combine, devices=devices, num_units=num_units,
+                            c=chunk_units, key=key)
+    return _run_range(chunk, combine, offset=0, num_units=num_units, c=chunk_units, key=key,
+                      samples=samples)
 
 
 def resolve_devices(devices) -> Optional[tuple]:
@@ -455,23 +517,22 @@ def run(
     samples: Optional[PyTree] = None,
     nan_policy: str = "propagate",
     devices: Optional[tuple] = None,
+    folds: Optional[tuple] = None,
+    wrt: str = "theta",
 ) -> EngineOut:
-    """Runs ``num_units`` units in chunks of ``chunk_units`` under ``lax.scan``.
+    """Runs ``num_units`` units of ``est`` in mode ``mode`` through :func:`run_chunks`.
 
     With ``devices`` (two or more, from :func:`resolve_devices`) and a key, unit ranges are
     sharded across devices with ``shard_map``; unit ``i`` still draws from ``fold_in(key, i)``,
     so the result equals the one-device result up to floating-point summation order.
+    ``folds`` and ``wrt``: see :func:`make_chunk`.
     """
-    chunk = make_chunk(model, est, params, state, mode, dtype, drop=nan_policy == "drop")
-    if devices is not None and samples is None and num_units >= len(devices):
-        acc = _run_sharded(
-            chunk, mode, devices=devices, num_units=num_units, c=chunk_units, key=key
-        )
-    else:
-        acc = _run_range(
-            chunk, mode, offset=0, num_units=num_units, c=chunk_units, key=key, samples=samples
-        )
-    fstats, extra = acc
+    chunk = make_chunk(model, est, params, state, mode, dtype, drop=nan_policy == "drop",
+                       folds=folds, wrt=wrt)
+    fstats, extra = run_chunks(
+        chunk, functools.partial(merge, mode, folds=folds), num_units=num_units,
+        chunk_units=chunk_units, key=key, samples=samples, devices=devices,
+    )
     if mode == "grad":
         return EngineOut(fstats, extra, None)
     if mode == "diag":

@@ -16,12 +16,12 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import api, engine, fitted, validation
+from scoregrad._src import engine, policy, problem, validation
 from scoregrad._src.base import Estimator, UnitOut, no_update
 from scoregrad._src.family import Family
 
@@ -54,7 +54,7 @@ def _check_proposal_theta(proposal_theta, who):
 
 def _proposal_draw(proposal, proposal_theta, key, who):
     """The form of one draw of q (``key``: what ``proposal.sample`` is given)."""
-    return api._traced_struct(
+    return problem.traced_struct(
         proposal.sample, (proposal_theta, key), f"{who}: proposal.sample(proposal_theta, key)",
         "Check that `proposal_theta` has the structure `proposal` expects (its parameters, not "
         "the target's).",
@@ -84,14 +84,14 @@ def _check_draws_match(q_draw, p_draw, who):
 
 def _check_log_probs(family, theta, proposal, proposal_theta, x_struct, who):
     theta_def = jax.tree_util.tree_structure(theta)
-    lp = api._traced_struct(
+    lp = problem.traced_struct(
         family.log_prob, (theta, x_struct), "family.log_prob(theta, x)",
         f"Check that family.log_prob accepts theta of structure {theta_def} and the proposal's "
         "draws.")
     validation.check_scalar_float(
         lp, "family.log_prob(theta, x)",
         "It must return the log-density of ONE draw; sum over independent coordinates.")
-    lq = api._traced_struct(
+    lq = problem.traced_struct(
         proposal.log_prob, (proposal_theta, x_struct), "proposal.log_prob(proposal_theta, x)",
         "Check that `proposal_theta` has the structure `proposal` expects.")
     validation.check_scalar_float(
@@ -100,7 +100,7 @@ def _check_log_probs(family, theta, proposal, proposal_theta, x_struct, who):
 
 
 def _check_f(f, x_struct):
-    fs = api._traced_struct(f, (x_struct,), "f(x)", "f must accept one draw x of the proposal.")
+    fs = problem.traced_struct(f, (x_struct,), "f(x)", "f must accept one draw x of the proposal.")
     validation.check_scalar_float(
         fs, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`.")
 
@@ -141,7 +141,7 @@ def importance_weighted(proposal: Family, proposal_theta: PyTree) -> Estimator:
         who = "importance_weighted"
         key = jax.random.PRNGKey(0) if model.legacy_key else jax.random.key(0)
         _check_draws_match(_proposal_draw(proposal, proposal_theta, key, who), x_struct, who)
-        lq = api._traced_struct(
+        lq = problem.traced_struct(
             proposal.log_prob, (proposal_theta, x_struct), "proposal.log_prob(proposal_theta, x)",
             "Check that `proposal_theta` has the structure `proposal` expects.")
         validation.check_scalar_float(
@@ -259,17 +259,15 @@ def estimate_grad_importance(
     _check_proposal(proposal, who)
     if not isinstance(family, Family):
         raise TypeError(f"{who}: `family` must be a scoregrad.Family; got {family!r}.")
-    if nan_policy not in ("raise", "propagate"):
-        if nan_policy == "drop":
-            raise ValueError(f"{who}: nan_policy='drop' is not supported: the self-normalized "
-                             "estimator and the weight shift use every draw's weight. Use "
-                             "nan_policy='raise' (the default) or 'propagate'.")
-        raise ValueError(f"{who}: `nan_policy` must be 'raise' or 'propagate'; got {nan_policy!r}.")
+    run_policy = policy.make_policy(
+        who, nan_policy, None, chunk_size,
+        refuse=("drop", "the self-normalized estimator and the weight shift use every draw's "
+                        "weight"))
     validation.check_theta(theta)
     _check_proposal_theta(proposal_theta, who)
-    inputs, n, legacy = _inputs(samples, key, num_samples)
-    chunk = validation.check_chunk_size(chunk_size)
-    p_draw = api._draw_struct(family, theta)
+    typed, samples, n, legacy = _inputs(samples, key, num_samples)
+    chunk = run_policy.chunk_size
+    p_draw = problem.draw_struct(family, theta)
     if samples is None:
         assert key is not None  # _inputs: exactly one of samples and key
         user_key = key if legacy else validation.normalize_key(key)
@@ -300,7 +298,8 @@ def estimate_grad_importance(
         lw, fv = jax.vmap(logw_f, in_axes=(None, 0))(theta, x)
         return _wstats(lw.astype(dtype), fv)
 
-    ws = fitted.loop(pass1, _merge_w, inputs, n, c)
+    ws = engine.run_chunks(lambda keys, xs, start: pass1(keys, xs), _merge_w, num_units=n,
+                           chunk_units=c, key=typed, samples=samples)
     vhat = ws.swf / ws.sw
     center = vhat if self_normalized else jnp.zeros((), dtype)
 
@@ -320,15 +319,16 @@ def estimate_grad_importance(
         ok = jnp.ones(vals.shape[:1], bool)
         for leaf in jax.tree_util.tree_leaves(rows):
             ok = ok & jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-        return fitted._fstats(vals, dtype, ok), fitted.moments_of(rows, dtype)
+        return engine.fstats_of(vals, dtype, ok), engine.moments_of(rows, dtype)
 
-    fs, mom = fitted.loop(pass2, lambda p, q: engine.merge("diag", p, q), inputs, n, c)
+    fs, mom = engine.run_chunks(lambda keys, xs, start: pass2(keys, xs),
+                                lambda p, q: engine.merge("diag", p, q), num_units=n,
+                                chunk_units=c, key=typed, samples=samples)
     # A non-finite f or weight makes that draw's term (and, through the shift or the
     # self-normalizing mean, possibly every draw's) non-finite: counted in pass 2's statistics.
-    checks = cast(Any, api._Prepared)(None, None, None, None, n, c, dtype, nan_policy)
-    fs = api._apply_nan_policy(checks, fs, who)
+    fs = policy.check_nonfinite(run_policy, fs, who)
     res = _finish(mom, ws, n, self_normalized, vhat)
-    guard = lambda t: jax.tree_util.tree_map(lambda a: api._guard(a, fs), t)  # noqa: E731
+    guard = lambda t: policy.guard_tree(t, fs)  # noqa: E731
     return res._replace(value=guard(res.value), grad=guard(res.grad), stderr=guard(res.stderr),
                         num_nonfinite=fs.nonfinite)
 
@@ -342,10 +342,10 @@ def _inputs(samples, key, num_samples):
         if not leaves or any(jnp.ndim(a) < 1 for a in leaves):
             raise ValueError("`samples` must be a pytree of arrays with a leading axis of draws.")
         samples = jax.tree_util.tree_map(jnp.asarray, samples)
-        return fitted.unit_inputs(None, samples, 0), int(leaves[0].shape[0]), False
+        return None, samples, int(leaves[0].shape[0]), False
     n = validation.check_num_samples(num_samples, minimum=2, who="estimate_grad_importance")
-    typed = validation.normalize_key(key)
-    return fitted.unit_inputs(typed, None, 0), n, validation.is_legacy_key(key)
+    typed = engine.counter_key(validation.normalize_key(key))
+    return typed, None, n, validation.is_legacy_key(key)
 
 
 def _finish(mom, ws: _WStats, n, self_normalized, vhat):
@@ -359,10 +359,11 @@ def _finish(mom, ws: _WStats, n, self_normalized, vhat):
         g = m[0] / wbar
         return g, jnp.maximum(var_a - 2 * g * cov_aw + g * g * var_w, 0.0) / wbar**2
 
-    pairs = jax.tree_util.tree_map(leaf, mom.mean, mom.comoment)
-    is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
-    grad = jax.tree_util.tree_map(lambda t: t[0], pairs, is_leaf=is_pair)
-    var = jax.tree_util.tree_map(lambda t: t[1], pairs, is_leaf=is_pair)
+    # Per leaf, not pairs picked apart with is_leaf=tuple: theta may itself be a tuple.
+    leaves, treedef = jax.tree_util.tree_flatten(mom.mean)
+    pairs = [leaf(m, cm) for m, cm in zip(leaves, jax.tree_util.tree_leaves(mom.comoment))]
+    grad = jax.tree_util.tree_unflatten(treedef, [p[0] for p in pairs])
+    var = jax.tree_util.tree_unflatten(treedef, [p[1] for p in pairs])
     stderr = jax.tree_util.tree_map(lambda v: jnp.sqrt(v / n), var)
     value = vhat if self_normalized else scale * ws.swf / n
     return ImportanceEstimate(

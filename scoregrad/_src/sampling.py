@@ -380,34 +380,32 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
       >>> bool(jnp.allclose(r.grad["loc"], 1.0, atol=1e-3))
       True
     """
-    from typing import cast
-
     from jax.flatten_util import ravel_pytree
 
-    from scoregrad._src import api, fitted, validation
-    from scoregrad._src.api import GradEstimate
+    from scoregrad._src import engine, policy, problem, validation
     from scoregrad._src.family import Family
+    from scoregrad._src.results import summarize
 
     who = "finite_difference"
     validation.check_callable(f, "f", who)
     if not isinstance(family, Family):
         raise TypeError(f"finite_difference: `family` must be a scoregrad.Family; got {family!r}.")
-    if nan_policy not in ("raise", "propagate"):
-        raise ValueError(
-            f"{who}: `nan_policy` must be 'raise' or 'propagate' ('drop' is not supported: a "
-            f"draw enters every coordinate's difference); got {nan_policy!r}.")
+    run_policy = policy.make_policy(
+        who, nan_policy, None, chunk_size,
+        refuse=("drop", "a draw enters every coordinate's difference"))
     validation.check_theta(theta)
     n = validation.check_num_samples(num_samples, minimum=2, who=who)
     if not isinstance(step, (int, float)) or isinstance(step, bool) or not step > 0:
         raise ValueError(f"finite_difference(step=...) must be a positive float; got {step!r}.")
-    chunk = validation.check_chunk_size(chunk_size)
-    typed, legacy = validation.normalize_key(key), validation.is_legacy_key(key)
+    chunk = run_policy.chunk_size
+    typed = engine.counter_key(validation.normalize_key(key))
+    legacy = validation.is_legacy_key(key)
     user_key = jax.random.key_data(typed) if legacy else typed
     theta_def = jax.tree_util.tree_structure(theta)
-    x_struct = api._traced_struct(
+    x_struct = problem.traced_struct(
         family.sample, (theta, user_key), "family.sample(theta, key)",
         f"Check that it accepts theta of structure {theta_def} and a PRNG key.")
-    f_struct = api._traced_struct(f, (x_struct,), "f(x)",
+    f_struct = problem.traced_struct(f, (x_struct,), "f(x)",
                                   "f must accept one draw x as the family samples it.")
     validation.check_scalar_float(
         f_struct, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`.")
@@ -427,17 +425,16 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
         # A draw counts once when f is finite at theta but not at a shifted theta (its
         # difference row is then non-finite).
         ok = jnp.all(jnp.isfinite(d), axis=1)
-        return fitted._fstats(f0, dtype, ok), fitted.moments_of(d[:, None, :], dtype)
+        return engine.fstats_of(f0, dtype, ok), engine.moments_of(d[:, None, :], dtype)
 
     c = chunk or max(1, min(n, 2**16 // max(1, 2 * flat.size + 1)))
-    fs, mom = fitted.loop(run_chunk, lambda a, b: fitted.engine.merge("diag", a, b),
-                          fitted.unit_inputs(typed, None, 0), n, c)
-    checks = cast(Any, api._Prepared)(None, None, None, None, n, c, dtype, nan_policy)
-    fs = api._apply_nan_policy(checks, fs, who)
+    fs, mom = engine.run_chunks(lambda keys, xs, start: run_chunk(keys, xs),
+                                lambda a, b: engine.merge("diag", a, b), num_units=n,
+                                chunk_units=c, key=typed)
+    fs = policy.check_nonfinite(run_policy, fs, who)
     var = mom.comoment[0, 0] / (n - 1)
-    grad, se = api._guard(mom.mean[0], fs), jnp.sqrt(var / n)
-    return GradEstimate(
-        value=api._guard(fs.mean, fs), value_stderr=jnp.sqrt(fs.m2 / (n - 1) / n),
-        grad=unravel(grad), stderr=unravel(se), variance=unravel(var),
-        snr=unravel(jnp.abs(grad) / se), num_samples=n, num_nonfinite=fs.nonfinite, state=(),
+    return summarize(
+        fs=fs._replace(mean=policy.guard(fs.mean, fs)),
+        grad=unravel(policy.guard(mom.mean[0], fs)), variance=unravel(var), n_units=n,
+        num_samples=n, state=(),
     )

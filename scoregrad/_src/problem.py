@@ -1,0 +1,209 @@
+"""Preparing a problem: the checks, tracing and binding that every entry point shares."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from scoregrad._src import dependence, engine, validation
+from scoregrad._src import policy as policy_mod
+from scoregrad._src.base import Estimator, FStats, Model, Params
+from scoregrad._src.estimators.score import score_function
+from scoregrad._src.family import Family
+from scoregrad._src.policy import RunPolicy
+
+PyTree = Any
+
+
+class Problem(NamedTuple):
+    """A probared problem: the user's functions closure-converted, the bound estimator, the
+    parameters, the key, the unit count and chunk, the statistics dtype and the run policy."""
+
+    model: Model
+    est: Estimator
+    params: Params
+    key: Optional[jax.Array]
+    num_units: int
+    chunk: int
+    dtype: Any  # of the statistics: f's, at least float32
+    policy: RunPolicy
+    f_dtype: Any  # f's own dtype
+
+    @property
+    def nan_policy(self) -> str:
+        return self.policy.nan_policy
+
+    @property
+    def devices(self) -> Optional[tuple]:
+        return self.policy.devices
+
+
+def traced_struct(fn: Callable, args, what: str, fix: str):
+    try:
+        return jax.eval_shape(fn, *args)
+    except (TypeError, KeyError, IndexError, AttributeError) as err:
+        raise TypeError(f"{what} failed while tracing: {type(err).__name__}: {err}. {fix}") from err
+
+
+def draw_struct(family, theta):
+    """The form of one draw of ``family`` (None if its sampler cannot be traced here)."""
+    try:
+        return jax.eval_shape(family.sample, theta, jax.random.key(0))
+    except Exception:  # noqa: BLE001 - a sampler that wants a legacy key, or none usable
+        try:
+            return jax.eval_shape(family.sample, theta, jax.random.PRNGKey(0))
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def _check_common(f, family, estimator, where):
+    validation.check_callable(f, "f", where)
+    if not isinstance(family, Family):
+        raise TypeError(
+            f"{where}: `family` must be a scoregrad.Family (e.g. sg.families.normal() or "
+            f"sg.Family(log_prob=..., sample=...)); got {type(family).__name__}."
+        )
+    if estimator is None:
+        estimator = score_function()
+    if not isinstance(estimator, Estimator):
+        raise TypeError(
+            f"{where}: `estimator` must be a scoregrad estimator such as sg.score_function() or "
+            f"sg.pathwise(); got {type(estimator).__name__}."
+        )
+    return estimator
+
+
+def prepare(
+    f, family, theta, key, num_samples, estimator, where, samples=None, *,
+    policy: RunPolicy, num_samples_name: str = "num_samples",
+) -> Problem:
+    """Everything a run needs, checked at trace time (each error names the argument and fix).
+
+    The estimator is bound to the family and theta's shapes first (``specialize``, which every
+    wrapper re-applies around its inner estimator), then ``num_samples`` is checked against
+    what it needs (draws per unit, minimum units); the user's functions are traced and
+    closure-converted, and provably wrong models are refused (:mod:`dependence`).
+    """
+    est = _check_common(f, family, estimator, where)
+    validation.check_theta(theta)
+    if family.check_theta is not None:
+        family.check_theta(theta)
+    if est.specialize is not None:
+        est = est.specialize(family, theta)
+    n = validation.check_num_samples(
+        num_samples,
+        minimum=est.min_units * est.draws_per_unit,
+        multiple_of=est.draws_per_unit,
+        who=est.name,
+        name=num_samples_name if samples is None else "samples",
+    )
+    chunk = policy.chunk_size
+    theta_treedef = jax.tree_util.tree_structure(theta)
+    lp_fix = (
+        f"Check that family.log_prob(theta, x) accepts theta of structure {theta_treedef} "
+        "and the draws that family.sample returns."
+    )
+    if samples is None:
+        # rbg/unsafe_rbg keys become threefry keys here (engine.counter_key): draws then depend
+        # on (key, i) only, whatever the chunking or device count.
+        typed_key = engine.counter_key(validation.normalize_key(key))
+        legacy = validation.is_legacy_key(key)
+        user_key = jax.random.key_data(typed_key) if legacy else typed_key
+        x_struct = traced_struct(
+            family.sample, (theta, user_key), "family.sample(theta, key)",
+            f"Check that it accepts theta of structure {theta_treedef} and a PRNG key.",
+        )
+        sample_c, sample_consts = jax.closure_convert(family.sample, theta, user_key)
+    else:
+        typed_key, legacy, user_key = None, False, None
+        if est.needs_key:
+            raise TypeError(
+                f"{est.name} draws its own samples (it differentiates through the sampler, or "
+                "couples several draws per unit) and cannot use given samples; call "
+                "sg.estimate_grad with a key."
+            )
+        draw = draw_struct(family, theta)
+        if draw is not None:
+            validation.check_samples(samples, draw)
+        x_struct = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), samples)
+        sample_c, sample_consts = family.sample, []
+    lp_struct = traced_struct(family.log_prob, (theta, x_struct), "family.log_prob(theta, x)", lp_fix)
+    validation.check_scalar_float(
+        lp_struct, "family.log_prob(theta, x)",
+        "It must return the log-density of ONE draw; sum over independent coordinates, e.g. "
+        "`jnp.sum(logpdf(x, ...))`.",
+    )
+    fx_struct = x_struct if est.f_input is None else est.f_input(x_struct, theta)
+    f_struct = traced_struct(
+        f, (fx_struct,), "f(x)",
+        "f must accept one draw x as the family samples it"
+        + ("." if est.f_input is None else f" (as {est.name} passes it: {fx_struct})."),
+    )
+    validation.check_scalar_float(
+        f_struct, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`."
+    )
+    f_c, f_consts = jax.closure_convert(f, fx_struct)
+    lp_c, lp_consts = jax.closure_convert(family.log_prob, theta, x_struct)
+    model = Model(f_c, lp_c, sample_c, family, legacy)
+    dependence.check_model(family, theta, user_key, x_struct, f, est.name,
+                           draws_key=samples is None)
+    if est.check is not None:
+        est.check(model, theta, x_struct)
+    params = Params(theta, tuple(f_consts), tuple(lp_consts), tuple(sample_consts))
+    num_units = n // est.draws_per_unit
+    if chunk is None:
+        chunk = engine.auto_chunk_size(num_units, *engine.elements_per_unit(x_struct, theta, est))
+    f_dtype = jax.tree_util.tree_leaves(f_struct)[0].dtype
+    return Problem(
+        model, est, params, typed_key, num_units, min(chunk, num_units),
+        engine.stats_dtype(f_dtype), policy, f_dtype,
+    )
+
+
+def shifted(prob: Problem, params, key=None, samples=None) -> tuple[Problem, jax.Array]:
+    """For a shift-invariant estimator, ``prob`` with f centred on a reference value, and it.
+
+    The reference is f at one draw (unit 0's key folded once more, or the first given sample),
+    stop-gradient. The estimate of a shift-invariant estimator does not depend on it in exact
+    arithmetic; in floating point, centring keeps the sums of ``f * score`` and of the baseline's
+    terms from cancelling when f carries a large constant. Other estimators: ``(prob, 0)``.
+    """
+    zero = jnp.zeros((), prob.dtype)
+    if not prob.est.shift_invariant:
+        return prob, zero
+    if samples is not None:
+        x0 = jax.tree_util.tree_map(lambda a: a[0], samples)
+    else:
+        x0 = prob.model.draw(params, jax.random.fold_in(jax.random.fold_in(key, 0), 2**31 - 1))
+    ref = jax.lax.stop_gradient(prob.model.eval_f(params, jax.lax.stop_gradient(x0)))
+    ref = jnp.where(jnp.isfinite(ref), ref, 0).astype(prob.dtype)
+    return prob._replace(model=prob.model._replace(f_shift=ref)), ref
+
+
+def unshift(fs: FStats, ref) -> FStats:
+    return fs._replace(mean=fs.mean + ref.astype(fs.mean.dtype))
+
+
+def kept_units(prob: Problem, fs: FStats):
+    """Units the estimate averages over: all of them, or (nan_policy="drop") the finite ones,
+    as the engine counted them."""
+    if prob.nan_policy == "drop":
+        return jax.lax.stop_gradient(jnp.maximum(fs.units, 1.0))
+    return prob.num_units
+
+
+def learn(prob: Problem, state):
+    """The estimator's learning step (e.g. RELAX's control variate) on this call's units."""
+    if prob.est.learn is None or prob.key is None:
+        return state
+    params = jax.lax.stop_gradient(prob.params)
+    return prob.est.learn(prob.model, params, prob.key, state, prob.num_units, prob.chunk)
+
+
+def init_state(est: Estimator, theta, state):
+    if state is None:
+        return est.init(theta)
+    validation.check_state(state, est, theta)
+    return state
