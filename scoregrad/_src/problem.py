@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import dependence, engine, validation
-from scoregrad._src import policy as policy_mod
 from scoregrad._src.base import Estimator, FStats, Model, Params
 from scoregrad._src.estimators.score import score_function
 from scoregrad._src.family import Family
