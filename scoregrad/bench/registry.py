@@ -42,6 +42,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+
 import scoregrad as sg
 from scoregrad.bench.problems import CAPABILITIES, Problem
 
@@ -267,3 +270,72 @@ def applicable(problem: Problem) -> list[EstimatorEntry]:
     """The registered entries that apply to ``problem``, in registry order."""
     _check_entries(ESTIMATORS)
     return [e for e in ESTIMATORS if applies(e, problem)]
+
+
+class WrapperEntry(NamedTuple):
+    """One composition of an estimator (a sampling design or control variates), for the
+    composition matrix of the tests (every wrapper x every estimator: right or refused).
+
+    Attributes:
+      name: unique label.
+      wrap: ``wrap(estimator, problem) -> scoregrad.Estimator``; may raise ``TypeError`` or
+        ``ValueError`` (naming the estimator or the missing capability) for an estimator it
+        cannot wrap, at construction or at trace time.
+      description: one line.
+    """
+
+    name: str
+    wrap: Callable[[sg.Estimator, Problem], sg.Estimator]
+    description: str = ""
+
+
+def tracking_control_variate(problem: Problem) -> sg.control_variates.ControlVariate:
+    """A control variate that tracks ``problem.f``: ``h = f`` itself, with its mean computed by
+    summing over the support where the family has one (``"enumerable"``); the second-order
+    delta method otherwise (``"kind:normal"`` with ``"differentiable_f"``; equal to f when f is
+    quadratic). ``ValueError`` for other problems."""
+    if "enumerable" in problem.capabilities:
+        support = problem.family.capabilities["support"]
+
+        def mean(theta):
+            xs = support(theta)
+            logp = jax.vmap(lambda x: problem.family.log_prob(theta, x))(xs)
+            return jnp.sum(jnp.exp(logp) * jax.vmap(problem.f)(xs))
+
+        return sg.control_variates.control_variate(
+            lambda x, theta: problem.f(x), mean, name="f_enumerated")
+    if {"kind:normal", "differentiable_f"} <= problem.capabilities:
+        return sg.control_variates.delta_method(problem.f, order=2)
+    raise ValueError(f"no tracking control variate is known for problem {problem.name!r}.")
+
+
+WRAPPERS: list[WrapperEntry] = [
+    WrapperEntry(
+        "control_variates",
+        lambda est, problem: sg.control_variates.with_control_variates(
+            est, tracking_control_variate(problem)),
+        "a control variate tracking f, cross-fitted optimal coefficient",
+    ),
+    WrapperEntry(
+        "control_variates(c=1)",
+        lambda est, problem: sg.control_variates.with_control_variates(
+            est, tracking_control_variate(problem), coefficient=1.0),
+        "a control variate tracking f, fixed coefficient 1",
+    ),
+    WrapperEntry("antithetic", lambda est, problem: sg.sampling.antithetic(est),
+                 "antithetic pairs (u, 1 - u)"),
+    WrapperEntry("stratified2", lambda est, problem: sg.sampling.stratified(est, num_strata=2),
+                 "Latin-hypercube strata of 2 draws"),
+    WrapperEntry("qmc4", lambda est, problem: sg.sampling.qmc(est, block_size=4),
+                 "randomized QMC blocks of 4 scrambled Halton points"),
+]
+
+# Every baseline with a default configuration, for ``score_function(baseline=...)``
+# (``sg.baselines.learned`` needs a value function and an optimizer: not listed).
+BASELINES: dict[str, Callable[[], sg.Baseline]] = {
+    "none": sg.baselines.none,
+    "leave_one_out": sg.baselines.leave_one_out,
+    "batch_mean": sg.baselines.batch_mean,
+    "moving_average": lambda: sg.baselines.moving_average(0.9),
+    "optimal": sg.baselines.optimal,
+}
