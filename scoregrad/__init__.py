@@ -24,7 +24,7 @@ from scoregrad._src.estimators.relaxed import (
     straight_through_gumbel,
 )
 from scoregrad._src.estimators.score import score_function
-from scoregrad._src.family import Family
+from scoregrad._src.family import Capabilities, Family
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "AdaptiveEstimate",
     "AutoReport",
     "Baseline",
+    "Capabilities",
     "Diagnostics",
     "Estimator",
     "FStats",

@@ -54,7 +54,8 @@ def test_draw_shapes_and_dtypes(dtype):
         assert fam.log_prob(theta, x).dtype == dtype, fam.name
     assert sg.families.poisson().reparameterized is False
     assert sg.families.gamma().reparameterized is True
-    assert sg.families.poisson().capabilities["kind"] == "poisson"
+    caps = sg.families.poisson().capabilities
+    assert caps.discrete is True and caps.weak_derivative is not None and caps.support is None
 
 
 def _pathwise(f, fam, theta, n=20_000):

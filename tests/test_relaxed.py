@@ -103,8 +103,8 @@ def _expected_grad_bernoulli(f, phi, lam, straight_through=False, half_width=45.
 
     def g(e):
         def value(th):
-            x = straight_through_input("bernoulli", th, e, lam) if straight_through else relax(
-                "bernoulli", th, e, lam)
+            x = straight_through_input(False, th, e, lam) if straight_through else relax(
+                False, th, e, lam)
             return f(x)
 
         return jax.grad(value)(jnp.asarray([phi]))[0]

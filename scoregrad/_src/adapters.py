@@ -13,20 +13,28 @@ distribution is one draw x), and ``sample(theta, key)`` is one draw of shape
 * **support** (for :func:`scoregrad.enumerate`): numpyro distributions with
   ``has_enumerate_support`` and ``distrax.Bernoulli``/``distrax.Categorical``: the joint support
   is every combination of the per-element values over the batch.
+* **bernoulli_logits / categorical_logits** (ARM, DisARM, REBAR, RELAX, Gumbel-softmax,
+  straight-through, IndeCateR, measure-valued) with **inverse_cdf**, **moments**, **cdf** and
+  **relaxation** for numpyro's and distrax's Bernoulli and Categorical, whatever theta is (the
+  logits are read from the distribution built from theta, so gradients flow through ``make``).
+* **inverse_cdf**, **cdf**, **moments**, **log_prob_terms** where the distribution implements
+  them (numpyro ``icdf``/``cdf``/``mean``/``variance``; distrax ``cdf``/``mean``/``variance``
+  and the normal's quantile), for distributions without event dimensions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-import types
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src.family import Family
+from scoregrad._src import families
+from scoregrad._src.family import Capabilities, Family
 
 PyTree = Any
 
@@ -39,13 +47,53 @@ def _joint_support(values: np.ndarray, batch_shape, dtype):
     return jnp.asarray(rows, dtype)
 
 
-def _support_caps(values, batch_shape, dtype) -> dict:
+def _support_fields(values, batch_shape, dtype) -> dict:
     k = len(values)
     n = math.prod(batch_shape)
     return {
         "support": lambda theta: _joint_support(values, batch_shape, dtype),
         "support_size": lambda theta: k**n,
     }
+
+
+def _works(fn) -> bool:
+    """Whether ``fn()`` traces (a distribution method may raise NotImplementedError)."""
+    try:
+        jax.eval_shape(fn)
+    except (NotImplementedError, AttributeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _generic_fields(make, d, struct, discrete: bool, icdf, cdf, moments) -> dict:
+    """Capabilities read from the distribution's own methods, where it has them."""
+    fields: dict = {"discrete": discrete, "continuous": not discrete}
+    if tuple(d.event_shape) != ():
+        return fields
+    fields["log_prob_terms"] = lambda th, x: make(th).log_prob(x)
+    u = jnp.full(struct.shape, 0.5, struct.dtype) if not discrete else None
+    if icdf is not None and u is not None and _works(lambda: icdf(d, u)):
+        fields["inverse_cdf"] = lambda th, u: icdf(make(th), u)
+    if cdf is not None and _works(lambda: cdf(d, jnp.zeros(struct.shape, struct.dtype))):
+        fields["cdf"] = lambda th, x: cdf(make(th), x)
+    if moments is not None and _works(lambda: moments(d)):
+        fields["moments"] = lambda th: moments(make(th))
+    return fields
+
+
+def _logit_capabilities(categorical: bool, make, d, struct, fields: dict) -> Capabilities:
+    """Bernoulli/categorical distributions: the parameterization by logits, whatever theta is."""
+    if not categorical:
+        shape = tuple(d.batch_shape)
+        logits = lambda th: jnp.broadcast_to(make(th).logits, shape)  # noqa: E731
+        base = families.bernoulli_capabilities(logits, dtype=struct.dtype)
+    else:
+        shape = tuple(d.batch_shape) + (int(jnp.shape(d.logits)[-1]),)
+        logits = lambda th: jnp.broadcast_to(make(th).logits, shape)  # noqa: E731
+        base = families.categorical_capabilities(logits, dtype=struct.dtype)
+    # the distribution's own per-coordinate log-probs and CDF where it has them; ours otherwise
+    keep = {k: v for k, v in fields.items() if k in ("log_prob_terms",)}
+    return dataclasses.replace(base, **keep)
 
 
 def _check_make(make, where):
@@ -66,8 +114,11 @@ def from_numpyro(make: Callable[[PyTree], Any], example_theta: PyTree, *, name: 
       name: a label (default: the distribution's class name).
 
     Returns:
-      A Family; ``capabilities`` has ``kind="numpyro"``, ``discrete`` and, for enumerable
-      distributions, ``support``/``support_size``.
+      A Family whose :class:`~scoregrad.Capabilities` are read from the distribution:
+      ``discrete``/``continuous``; ``support``/``support_size`` for enumerable ones;
+      ``bernoulli_logits``/``categorical_logits`` (and ``inverse_cdf``, ``moments``, ...) for
+      Bernoulli/Categorical; ``inverse_cdf``, ``cdf``, ``moments``, ``log_prob_terms`` where
+      the distribution implements ``icdf``, ``cdf``, ``mean``/``variance`` (e.g. Normal).
 
     Raises:
       TypeError: if ``make`` is not callable or does not return a numpyro distribution.
@@ -88,12 +139,7 @@ def from_numpyro(make: Callable[[PyTree], Any], example_theta: PyTree, *, name: 
         raise TypeError(
             f"from_numpyro: make(theta) must return a numpyro Distribution; got {type(d).__name__}."
         )
-    discrete = bool(d.support.is_discrete)
-    caps = {"kind": "numpyro", "discrete": discrete, "continuous": not discrete}
-    if d.has_enumerate_support and d.event_shape == ():
-        values = np.asarray(d.enumerate_support(expand=False)).reshape(-1)
-        dtype = jax.eval_shape(lambda: d.sample(jax.random.key(0))).dtype
-        caps.update(_support_caps(values, d.batch_shape, dtype))
+    caps = _numpyro_capabilities(make, d)
 
     def log_prob(theta, x):
         return jnp.sum(make(theta).log_prob(x))
@@ -103,7 +149,7 @@ def from_numpyro(make: Callable[[PyTree], Any], example_theta: PyTree, *, name: 
 
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=bool(d.has_rsample),
-        name=name or f"numpyro.{type(d).__name__}", capabilities=types.MappingProxyType(caps),
+        name=name or f"numpyro.{type(d).__name__}", capabilities=caps,
     )
 
 
@@ -142,10 +188,7 @@ def from_distrax(
     discrete = not jnp.issubdtype(struct.dtype, jnp.floating)
     if reparameterized is None and discrete:
         reparameterized = False
-    caps = {"kind": "distrax", "discrete": discrete, "continuous": not discrete}
-    values = _distrax_values(d)
-    if values is not None:
-        caps.update(_support_caps(values, tuple(d.batch_shape), struct.dtype))
+    caps = _distrax_capabilities(make, d, struct, discrete)
 
     def log_prob(theta, x):
         return jnp.sum(make(theta).log_prob(x))
@@ -155,15 +198,46 @@ def from_distrax(
 
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=reparameterized,
-        name=name or f"distrax.{type(d).__name__}", capabilities=types.MappingProxyType(caps),
+        name=name or f"distrax.{type(d).__name__}", capabilities=caps,
     )
 
 
-def _distrax_values(d):
-    """Per-element support values of distrax's finite discrete distributions, else None."""
-    kind = type(d).__name__
-    if kind == "Bernoulli":
-        return np.array([0, 1])
-    if kind == "Categorical" and tuple(d.event_shape) == ():
-        return np.arange(int(d.num_categories))
-    return None
+def _numpyro_capabilities(make, d) -> Capabilities:
+    import numpyro.distributions as nd
+
+    struct = jax.eval_shape(lambda: d.sample(jax.random.key(0)))
+    discrete = bool(d.support.is_discrete)
+    fields = _generic_fields(
+        make, d, struct, discrete, icdf=lambda dist, u: dist.icdf(u),
+        cdf=lambda dist, x: dist.cdf(x), moments=lambda dist: (dist.mean, dist.variance),
+    )
+    if isinstance(d, (nd.BernoulliLogits, nd.BernoulliProbs)):
+        return _logit_capabilities(False, make, d, struct, fields)
+    if isinstance(d, (nd.CategoricalLogits, nd.CategoricalProbs)):
+        return _logit_capabilities(True, make, d, struct, fields)
+    if d.has_enumerate_support and d.event_shape == ():
+        values = np.asarray(d.enumerate_support(expand=False)).reshape(-1)
+        fields.update(_support_fields(values, d.batch_shape, struct.dtype))
+    return Capabilities(**fields)
+
+
+def _distrax_capabilities(make, d, struct, discrete: bool) -> Capabilities:
+    try:
+        import distrax
+    except ImportError:  # pragma: no cover - a distrax-like object without distrax installed
+        return Capabilities(discrete=discrete, continuous=not discrete)
+
+    def icdf(dist, u):  # distrax has no quantile method; the normal's is known
+        if not isinstance(dist, distrax.Normal):
+            raise NotImplementedError
+        return dist.loc + dist.scale * jax.scipy.special.ndtri(u)
+
+    fields = _generic_fields(
+        make, d, struct, discrete, icdf=icdf, cdf=lambda dist, x: dist.cdf(x),
+        moments=lambda dist: (dist.mean(), dist.variance()),
+    )
+    if isinstance(d, distrax.Bernoulli):
+        return _logit_capabilities(False, make, d, struct, fields)
+    if isinstance(d, distrax.Categorical) and tuple(d.event_shape) == ():
+        return _logit_capabilities(True, make, d, struct, fields)
+    return Capabilities(**fields)

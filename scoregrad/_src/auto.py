@@ -94,19 +94,19 @@ class AutoReport(NamedTuple):
 
 def default_candidates(family, num_samples: int) -> list:
     """Score function (plain, leave-one-out, optimal), pathwise where the family allows it, and
-    antithetic / QMC designs for built-in families."""
+    antithetic / QMC designs for families with ``capabilities.inverse_cdf``."""
     from scoregrad import baselines, pathwise, sampling, score_function
 
     cands = [score_function(), score_function(baselines.leave_one_out()),
              score_function(baselines.optimal())]
-    kind = family.capabilities.get("kind") if family.capabilities is not None else None
+    designable = family.capabilities.inverse_cdf is not None  # antithetic / QMC need it
     if family.reparameterized is not False:
         cands.append(pathwise())
-    if kind in ("normal", "bernoulli", "categorical"):
+    if designable:
         cands.append(sampling.antithetic(score_function(baselines.optimal())))
         if num_samples % 64 == 0:
             cands.append(sampling.qmc(score_function(), block_size=64))
-    if kind == "normal":
+    if designable and family.reparameterized is True and family.capabilities.continuous:
         cands.append(sampling.antithetic(pathwise()))
         if num_samples % 64 == 0:
             cands.append(sampling.qmc(pathwise(), block_size=64))

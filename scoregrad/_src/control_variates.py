@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from scoregrad._src import families
 from scoregrad._src.base import Estimator, FStats, UnitOut, magic_box, no_update
 from scoregrad._src.estimators import traits
 from scoregrad._src.estimators.score import score_function
+from scoregrad._src.family import require
 
 PyTree = Any
 
@@ -75,16 +75,12 @@ def control_variate(h: Callable, mean: Callable, *, name: str = "cv") -> Control
 
 
 def _family_moments(family):
-    kind = (family.capabilities or {}).get("kind") if family.capabilities is not None else None
-    if kind == "normal":
-        return lambda th: th["loc"], lambda th: jnp.square(th["scale"])
-    if kind == "bernoulli":
-        return jax.nn.sigmoid, lambda th: jax.nn.sigmoid(th) * jax.nn.sigmoid(-th)
-    raise TypeError(
-        f"delta_method: family {family.name!r} has no built-in mean/variance; pass "
-        "moments=(mean_fn, variance_fn) with mean_fn(theta) and variance_fn(theta) shaped like "
-        "the draw (the diagonal of its covariance)."
+    moments = require(
+        family, "moments", "delta_method",
+        "Pass moments=(mean_fn, variance_fn) with mean_fn(theta) and variance_fn(theta) shaped "
+        "like the draw (the diagonal of its covariance).",
     )
+    return (lambda th: moments(th)[0]), (lambda th: moments(th)[1])
 
 
 def delta_method(f: Callable, *, order: int = 2, moments: tuple | None = None) -> ControlVariate:
@@ -102,7 +98,8 @@ def delta_method(f: Callable, *, order: int = 2, moments: tuple | None = None) -
 
     * **Needs**: f differentiable in x (twice for ``order=2``; the d x d Hessian is computed once
       per chunk, so prefer ``order=1`` in high dimension); the mean and diagonal variance
-      of the draw (coordinates independent): built in for ``normal`` and ``bernoulli`` families, else ``moments``.
+      of the draw (coordinates independent): ``family.capabilities.moments`` (built-in normal and
+      bernoulli, adapted ones), else ``moments``.
     * Unbiased with cross-fitted coefficients; ``jax.hessian`` stays unbiased (its coefficients
       are stop-gradient, so its mean is exact for every theta).
 
@@ -311,16 +308,9 @@ def with_control_variates(
 
 
 def _log_prob_terms(family):
-    kind = (family.capabilities or {}).get("kind") if family.capabilities is not None else None
-    if kind == "normal":
-        return lambda th, x: jax.scipy.stats.norm.logpdf(x, th["loc"], th["scale"])
-    if kind == "bernoulli":  # the families' own terms: -inf off the support, like log_prob
-        return families._bernoulli_log_prob_terms
-    if kind == "categorical":
-        return families._categorical_log_prob_terms
-    raise TypeError(
-        f"rao_blackwell: family {family.name!r} has no built-in per-coordinate log-density; pass "
-        "log_prob_terms(theta, x) -> array whose sum is log_prob(theta, x)."
+    return require(
+        family, "log_prob_terms", "rao_blackwell",
+        "Pass log_prob_terms(theta, x) -> array whose sum is log_prob(theta, x).",
     )
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import types
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src.family import Family
+from scoregrad._src import weak_derivative as wd
+from scoregrad._src.family import Capabilities, Family
 
 
 def _float_array(value, name: str, family: str):
@@ -80,7 +82,7 @@ def normal() -> Family:
         reparameterized=True,
         name="normal",
         check_theta=_check_normal,
-        capabilities=types.MappingProxyType({"kind": "normal", "continuous": True}),
+        capabilities=normal_capabilities(),
     )
 
 
@@ -152,7 +154,7 @@ def bernoulli() -> Family:
         reparameterized=False,
         name="bernoulli",
         check_theta=lambda th: _check_logits(th, "bernoulli"),
-        capabilities=types.MappingProxyType({"kind": "bernoulli", "discrete": True, "support": _bernoulli_support}),
+        capabilities=bernoulli_capabilities(weak_derivative=wd.bernoulli),
     )
 
 
@@ -187,6 +189,103 @@ def _categorical_support(logits):
     return jnp.asarray(rows.reshape((-1,) + tuple(batch)))
 
 
+def _identity(theta):
+    return theta
+
+
+def _normal_inverse_cdf(theta, u):
+    return theta["loc"] + theta["scale"] * jax.scipy.special.ndtri(u)
+
+
+def _normal_moments(theta):
+    return theta["loc"], jnp.square(theta["scale"])
+
+
+def _normal_log_prob_terms(theta, x):
+    return jax.scipy.stats.norm.logpdf(x, theta["loc"], theta["scale"])
+
+
+def _normal_cdf(theta, x):
+    return jax.scipy.stats.norm.cdf(x, theta["loc"], theta["scale"])
+
+
+def _relaxation(logits: Callable, categorical: bool) -> Callable:
+    """``temperature -> Family``: the (binary) Concrete relaxation at ``logits(theta)``."""
+
+    def relaxation(temperature) -> Family:
+        from scoregrad._src.estimators import relaxed  # the estimators import the families
+
+        base = (relaxed.relaxed_categorical if categorical else relaxed.relaxed_bernoulli)(temperature)
+        return dataclasses.replace(
+            base, log_prob=lambda th, y: base.log_prob(logits(th), y),
+            sample=lambda th, key: base.sample(logits(th), key), check_theta=None,
+        )
+
+    return relaxation
+
+
+def bernoulli_capabilities(logits: Callable = _identity, dtype=None, **extra) -> Capabilities:
+    """The capabilities of independent Bernoullis with ``P(x_j = 1) = sigmoid(logits(theta)_j)``,
+    draws of ``dtype`` (default: the logits' dtype). ``extra`` adds or overrides fields."""
+
+    def as_draw(b, lg):
+        return b.astype(jnp.result_type(lg) if dtype is None else dtype)
+
+    def cdf(th, x):
+        p0 = jax.nn.sigmoid(-logits(th))
+        return jnp.where(x < 0, 0.0, jnp.where(x < 1, p0, 1.0)).astype(p0.dtype)
+
+    fields = dict(
+        discrete=True, continuous=False, bernoulli_logits=logits,
+        support=lambda th: as_draw(_bernoulli_support(logits(th)), logits(th)),
+        support_size=lambda th: 2 ** int(np.prod(jnp.shape(logits(th)), dtype=int)),
+        inverse_cdf=lambda th, u: as_draw(u < jax.nn.sigmoid(logits(th)), logits(th)),
+        moments=lambda th: (jax.nn.sigmoid(logits(th)),
+                            jax.nn.sigmoid(logits(th)) * jax.nn.sigmoid(-logits(th))),
+        log_prob_terms=lambda th, x: _bernoulli_log_prob_terms(logits(th), x),
+        cdf=cdf, relaxation=_relaxation(logits, categorical=False),
+    )
+    return Capabilities(**{**fields, **extra})
+
+
+def categorical_capabilities(logits: Callable = _identity, dtype=jnp.int32, **extra) -> Capabilities:
+    """The capabilities of independent categoricals with logits ``logits(theta)`` of shape
+    ``(..., K)`` and integer draws of ``dtype``. ``extra`` adds or overrides fields."""
+
+    def inverse_cdf(th, u):
+        cum = jnp.cumsum(jax.nn.softmax(logits(th), axis=-1), axis=-1)[..., :-1]
+        return jnp.sum(u[..., None] > cum, axis=-1).astype(dtype)
+
+    def cdf(th, x):
+        cum = jnp.cumsum(jax.nn.softmax(logits(th), axis=-1), axis=-1)
+        k = jnp.shape(cum)[-1]
+        idx = jnp.clip(jnp.floor(x).astype(jnp.int32), 0, k - 1)
+        picked = jnp.take_along_axis(cum, idx[..., None], axis=-1)[..., 0]
+        return jnp.where(x < 0, 0.0, picked).astype(cum.dtype)
+
+    def size(th):
+        shape = jnp.shape(logits(th))
+        return int(shape[-1]) ** int(np.prod(shape[:-1], dtype=int))
+
+    fields = dict(
+        discrete=True, continuous=False, categorical_logits=logits,
+        support=lambda th: _categorical_support(logits(th)).astype(dtype),
+        support_size=size, inverse_cdf=inverse_cdf, cdf=cdf,
+        log_prob_terms=lambda th, x: _categorical_log_prob_terms(logits(th), x),
+        relaxation=_relaxation(logits, categorical=True),
+    )
+    return Capabilities(**{**fields, **extra})
+
+
+def normal_capabilities(**extra) -> Capabilities:
+    """The capabilities of the built-in diagonal normal (theta = ``{"loc", "scale"}``)."""
+    fields = dict(
+        continuous=True, discrete=False, inverse_cdf=_normal_inverse_cdf, moments=_normal_moments,
+        weak_derivative=wd.normal, log_prob_terms=_normal_log_prob_terms, cdf=_normal_cdf,
+    )
+    return Capabilities(**{**fields, **extra})
+
+
 def categorical() -> Family:
     r"""Independent categoricals with logits theta of shape ``(..., K)``.
 
@@ -206,5 +305,5 @@ def categorical() -> Family:
         reparameterized=False,
         name="categorical",
         check_theta=lambda th: _check_logits(th, "categorical", min_ndim=1),
-        capabilities=types.MappingProxyType({"kind": "categorical", "discrete": True, "support": _categorical_support}),
+        capabilities=categorical_capabilities(),
     )

@@ -16,7 +16,6 @@ References:
 from __future__ import annotations
 
 import math
-import types
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +23,11 @@ from jax.scipy.special import gammaln
 
 from scoregrad._src import weak_derivative as wd
 from scoregrad._src.families import _float_array
-from scoregrad._src.family import Family
+from scoregrad._src.family import Capabilities, Family
 
 
-def _caps(**kw):
-    return types.MappingProxyType(kw)
+def _caps(*, discrete: bool = False, **kw) -> Capabilities:
+    return Capabilities(discrete=discrete, continuous=not discrete, **kw)
 
 
 def _check_array(theta, who: str, what: str = "theta"):
@@ -88,7 +87,7 @@ def poisson() -> Family:
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=False, name="poisson",
         check_theta=lambda th: _check_array(th, "poisson", "theta (the log-rates)"),
-        capabilities=_caps(kind="poisson", discrete=True, weak_derivative=wd.poisson),
+        capabilities=_caps(discrete=True, weak_derivative=wd.poisson),
     )
 
 
@@ -121,7 +120,7 @@ def exponential() -> Family:
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=True, name="exponential",
         check_theta=lambda th: _check_array(th, "exponential", "theta (the rates)"),
-        capabilities=_caps(kind="exponential", continuous=True, weak_derivative=wd.exponential),
+        capabilities=_caps(weak_derivative=wd.exponential),
     )
 
 
@@ -172,7 +171,7 @@ def gamma(concentration=None) -> Family:
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=True, name="gamma",
         check_theta=lambda th: _check_dict(th, keys, "gamma"),
-        capabilities=_caps(kind="gamma", continuous=True, weak_derivative=decomposition),
+        capabilities=_caps(weak_derivative=decomposition),
     )
 
 
@@ -200,7 +199,7 @@ def beta() -> Family:
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=True, name="beta",
         check_theta=lambda th: _check_dict(th, ("a", "b"), "beta"),
-        capabilities=_caps(kind="beta", continuous=True),
+        capabilities=_caps(),
     )
 
 
@@ -237,7 +236,7 @@ def dirichlet() -> Family:
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=True, name="dirichlet",
         check_theta=_check_dirichlet,
-        capabilities=_caps(kind="dirichlet", continuous=True),
+        capabilities=_caps(),
     )
 
 
@@ -289,5 +288,5 @@ def multivariate_normal() -> Family:
     return Family(
         log_prob=log_prob, sample=sample, reparameterized=True, name="multivariate_normal",
         check_theta=_check_mvn,
-        capabilities=_caps(kind="multivariate_normal", continuous=True),
+        capabilities=_caps(),
     )

@@ -2,8 +2,8 @@ r"""Sampling designs: antithetic pairs, Latin-hypercube stratification, randomiz
 Carlo, and common random numbers across theta.
 
 Each design draws a *unit* of M coupled draws from uniform noise :math:`u \in (0,1)^D` through
-an inverse-CDF ``transform(theta, u)`` (built in for the normal, bernoulli and categorical
-families; pass your own for other families). Units are i.i.d. (unit i uses
+an inverse-CDF ``transform(theta, u)`` (``family.capabilities.inverse_cdf``: the built-in normal,
+bernoulli and categorical and adapted numpyro/distrax ones; pass your own for other families). Units are i.i.d. (unit i uses
 ``fold_in(key, i)``), so the standard errors of :func:`scoregrad.estimate_grad` are honest and
 results do not depend on the chunk size. Every draw is marginally exactly :math:`p(x;\theta)`,
 so any unbiased one-draw estimator stays unbiased when averaged over a unit. The wrapped
@@ -34,6 +34,7 @@ from jax.extend import core as jcore
 from scoregrad._src.base import Estimator, UnitOut
 from scoregrad._src.estimators import traits
 from scoregrad._src.estimators.score import score_function
+from scoregrad._src.family import require
 
 PyTree = Any
 
@@ -101,39 +102,18 @@ def _clip_open(u: jax.Array) -> jax.Array:
     return jnp.clip(u, lo, 1.0 - lo)
 
 
-def _kind(family) -> Any:
-    caps = family.capabilities
-    return caps.get("kind") if caps is not None else None
-
-
 def builtin_transform(family) -> Callable:
-    """The inverse-CDF ``transform(theta, u)`` of a built-in family (u shaped like the draw)."""
-    kind = _kind(family)
-    if kind == "normal":
-        return lambda th, u: th["loc"] + th["scale"] * jax.scipy.special.ndtri(u)
-    if kind == "bernoulli":
-        return lambda th, u: (u < jax.nn.sigmoid(th)).astype(jnp.result_type(th))
-
-    if kind == "categorical":
-
-        def cat(th, u):
-            cdf = jnp.cumsum(jax.nn.softmax(th, axis=-1), axis=-1)[..., :-1]
-            return jnp.sum(u[..., None] > cdf, axis=-1).astype(jnp.int32)
-
-        return cat
-    raise TypeError(
-        f"family {family.name!r} has no built-in inverse-CDF transform; pass transform=fn with "
-        "fn(theta, u) -> draw, u uniform on (0,1)^dim, and dim=D."
+    """The family's inverse-CDF ``transform(theta, u)`` (``family.capabilities.inverse_cdf``;
+    u shaped like the draw)."""
+    return require(
+        family, "inverse_cdf", "a sampling design (antithetic, stratified, qmc)",
+        "Pass transform=fn with fn(theta, u) -> draw, u uniform on (0,1)^dim, and dim=D.",
     )
 
 
 def _noise_shape(family, theta) -> tuple:
-    kind = _kind(family)
-    if kind == "normal":
-        return jnp.shape(theta["loc"])
-    if kind == "bernoulli":
-        return jnp.shape(theta)
-    return jnp.shape(theta)[:-1]
+    """The draw's shape: the inverse CDF maps noise of that shape to one draw."""
+    return tuple(jax.eval_shape(family.sample, theta, jax.random.key(0)).shape)
 
 
 def _float_dtype(theta):

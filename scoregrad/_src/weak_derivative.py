@@ -15,9 +15,10 @@ share ``x`` in the other coordinates and share noise where the two parts allow i
 numbers), which is what makes the estimator's variance small. Both parts of coordinate ``j`` are
 rows of the table ``[x, *points]``; ``plus``/``minus`` hold their row indices.
 
-Families carry their decomposition in ``capabilities["weak_derivative"]``; the built-in normal and
-bernoulli (whose module predates this one) are looked up by ``capabilities["kind"]`` in
-:data:`BY_KIND`.
+Families carry their decomposition in ``capabilities.weak_derivative`` (a
+:class:`scoregrad.Capabilities` field): the built-in normal, bernoulli, poisson, exponential and
+gamma fill it. A family with ``capabilities.bernoulli_logits`` and no decomposition of its own
+(e.g. an adapted numpyro/distrax Bernoulli) gets :func:`bernoulli` in its logits.
 
 References:
   Pflug, "Sampling derivatives of probabilities", Computing 1989. Heidergott and Vázquez-Abad,
@@ -161,5 +162,3 @@ def gamma_unsupported(theta, x, key):
         "sg.score_function() for the concentration."
     )
 
-
-BY_KIND = {"normal": normal, "bernoulli": bernoulli}

@@ -74,11 +74,16 @@ class Problem(NamedTuple):
 
 def _family_caps(family: Family, differentiable_f: bool, relaxable: bool = False) -> frozenset:
     caps = {"relaxable"} if relaxable else set()
-    meta = family.capabilities or {}
-    kind = meta.get("kind") if hasattr(meta, "get") else None
-    if kind in ("normal", "bernoulli", "categorical"):
-        caps.add(f"kind:{kind}")
-    if meta.get("support") is not None if hasattr(meta, "get") else False:
+    meta = family.capabilities  # a typed sg.Capabilities record
+    if meta.bernoulli_logits is not None:
+        caps.add("kind:bernoulli")
+    if meta.categorical_logits is not None:
+        caps.add("kind:categorical")
+    # "kind:normal" tags what the normal-only registry entries need: a weak derivative, an
+    # inverse CDF and moments of a continuous family (today: the built-in normal)
+    if meta.continuous and None not in (meta.weak_derivative, meta.inverse_cdf, meta.moments):
+        caps.add("kind:normal")
+    if meta.support is not None:
         caps.add("enumerable")
     if family.reparameterized:
         caps.add("reparameterizable")

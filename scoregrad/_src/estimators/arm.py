@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src.base import Estimator, UnitOut, single_term
-from scoregrad._src.estimators.relaxed import family_kind
+from scoregrad._src.estimators.relaxed import make_check
 
 sg_ = jax.lax.stop_gradient
 
@@ -55,23 +55,15 @@ def disarm_gradient(logits, u, f_b, f_bt) -> jax.Array:
 
 def _check(who):
     def check(model, theta, x_struct):
-        del x_struct
-        kind = family_kind(model.family)
-        if kind == "categorical":
+        caps = model.family.capabilities
+        if caps.bernoulli_logits is None and caps.categorical_logits is not None:
             raise TypeError(
-                f"{who} is defined here for the Bernoulli family only (categorical ARM is the "
+                f"{who} is defined here for Bernoulli families only (categorical ARM is the "
                 "different ARSM estimator, not implemented). For categorical latents use "
                 "sg.score_function(baseline=sg.baselines.leave_one_out()) or "
                 "sg.gumbel_softmax(temperature)."
             )
-        if kind != "bernoulli":
-            raise TypeError(
-                f"{who} needs the built-in sg.families.bernoulli() family (theta = logits); got "
-                f"family {model.family.name!r} (kind {kind!r}). Use sg.families.bernoulli(), or "
-                "sg.score_function() for any family."
-            )
-        if not hasattr(theta, "shape"):
-            raise TypeError(f"{who}: theta must be an array of logits; got {type(theta).__name__}.")
+        make_check(who, categorical=False)(model, theta, x_struct)
 
     return check
 
@@ -79,11 +71,14 @@ def _check(who):
 def _make(name: str, gradient) -> Estimator:
     def unit(model, params, key, x, state):
         del x, state
-        th = params.theta
+        # capabilities.bernoulli_logits (checked at trace time); the gradient in the logits
+        # reaches theta through it (the chain rule of the parameterization)
+        th = model.family.capabilities.bernoulli_logits(params.theta)
         logits = sg_(th)
         u = jax.random.uniform(key, jnp.shape(th), jnp.result_type(th))
         b, bt = antithetic_pair(logits, u)
-        f_b, f_bt = model.eval_f(params, b), model.eval_f(params, bt)
+        draw = jax.eval_shape(lambda: model.draw(params, key)).dtype  # f gets the family's dtype
+        f_b, f_bt = model.eval_f(params, b.astype(draw)), model.eval_f(params, bt.astype(draw))
         g = sg_(gradient(logits, u, sg_(f_b), sg_(f_bt)))
         # value: the pair's mean of f (f's own dependence on theta flows); gradient: + g.
         term = 0.5 * (f_b + f_bt) + jnp.sum(g * (th - logits)).astype(f_b.dtype)
@@ -103,9 +98,9 @@ _COMMON = r"""
     * **Bias**: unbiased for any f (no differentiability needed) and every logit.
     * **Needs from f**: only its values at binary points: a black box is fine. An f that closes
       over theta also gets its direct gradient (in :func:`scoregrad.expectation`).
-    * **Needs from the family**: the built-in :func:`scoregrad.families.bernoulli` (theta =
-      logits, any shape); categorical raises TypeError (ARSM is not implemented), other families
-      too. ``num_samples`` must be even: it counts evaluations of f, two per pair.
+    * **Needs from the family**: ``family.capabilities.bernoulli_logits`` (the built-in
+      :func:`scoregrad.families.bernoulli`, or an adapted numpyro/distrax Bernoulli; logits of
+      any shape); categorical raises TypeError (ARSM is not implemented), other families too. ``num_samples`` must be even: it counts evaluations of f, two per pair.
     * **Derivative order**: first order only. The surrogate is
       ``mean(f) + <stop_gradient(g), theta - stop_gradient(theta)>``, so ``jax.hessian`` of
       :func:`scoregrad.expectation` is **not** a Hessian estimate.

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoregrad._src.base import Estimator, UnitOut, single_term
+from scoregrad._src.family import require
 
 
 def _estimator(name, unit, draws_per_unit, specialize) -> Estimator:
@@ -26,23 +27,17 @@ def _estimator(name, unit, draws_per_unit, specialize) -> Estimator:
 def support_size(family, theta) -> int:
     """The number of points of the family's finite support at theta (from shapes only).
 
-    Raises ``TypeError`` if the family declares no finite support.
+    Raises ``TypeError`` naming ``capabilities.support`` if the family declares no finite support.
     """
-    caps = family.capabilities or {}
-    if "support" not in caps:
-        raise TypeError(
-            f"enumerate() needs a family with a finite support (capabilities['support']), but "
-            f"family {family.name!r} has none (continuous or infinite). Use a sampling "
-            "estimator such as sg.score_function() instead."
-        )
-    if "support_size" in caps:
-        return int(caps["support_size"](theta))
-    shape = jnp.shape(theta)
-    if caps.get("kind") == "bernoulli":
-        return 2 ** math.prod(shape)
-    if caps.get("kind") == "categorical":
-        return shape[-1] ** math.prod(shape[:-1])
-    return int(jax.tree_util.tree_leaves(jax.eval_shape(caps["support"], theta))[0].shape[0])
+    support = require(
+        family, "support", "enumerate()",
+        "It is continuous or has an infinite support (no finite support): use a sampling "
+        "estimator such as sg.score_function() instead.",
+    )
+    caps = family.capabilities
+    if caps.support_size is not None:
+        return int(caps.support_size(theta))
+    return int(jax.tree_util.tree_leaves(jax.eval_shape(support, theta))[0].shape[0])
 
 
 def enumerate(max_support: int = 4096) -> Estimator:
@@ -52,7 +47,7 @@ def enumerate(max_support: int = 4096) -> Estimator:
        \mathbb{E}_{p(x;\theta)}[f(x;\theta)] = \sum_{x \in \mathcal X} p(x;\theta)\, f(x;\theta),
 
     differentiated exactly. Each unit evaluates f at all :math:`S = |\mathcal X|` support points
-    (``family.capabilities["support"]``, e.g. the built-in bernoulli and categorical, or adapted
+    (``family.capabilities.support``, e.g. the built-in bernoulli and categorical, or adapted
     discrete distributions), so ``num_samples`` (evaluations of f) must be a multiple of S;
     ``num_samples=S`` is the natural choice (more units repeat the same exact sum). The key is
     not used.
@@ -83,7 +78,7 @@ def enumerate(max_support: int = 4096) -> Estimator:
 
     def unit(model, params, key, x, state):
         del x, state
-        points = jax.lax.stop_gradient(model.family.capabilities["support"](params.theta))
+        points = jax.lax.stop_gradient(model.family.capabilities.support(params.theta))
         # f was traced for the sampler's draws: give it the support in their dtypes
         x_struct = jax.eval_shape(lambda: model.draw(params, key))
         points = jax.tree_util.tree_map(lambda p, s: p.astype(s.dtype), points, x_struct)
@@ -105,13 +100,13 @@ def enumerate(max_support: int = 4096) -> Estimator:
     return _estimator("enumerate", unit, 1, specialize)
 
 
-def _table(kind, theta):
+def _table(logits, categorical: bool):
     """Per-coordinate log-probabilities ``(D, K)`` of a factorized discrete family."""
-    if kind == "bernoulli":
-        flat = jnp.reshape(theta, (-1,))
+    if not categorical:
+        flat = jnp.reshape(logits, (-1,))
         return jnp.stack([jax.nn.log_sigmoid(-flat), jax.nn.log_sigmoid(flat)], axis=1)
-    k = jnp.shape(theta)[-1]
-    return jax.nn.log_softmax(jnp.reshape(theta, (-1, k)), axis=-1)
+    k = jnp.shape(logits)[-1]
+    return jax.nn.log_softmax(jnp.reshape(logits, (-1, k)), axis=-1)
 
 
 def _replaced(x, num_values):
@@ -124,16 +119,25 @@ def _replaced(x, num_values):
     return rows.reshape((d, num_values) + x.shape)
 
 
+def _logits(family):
+    """``(logits_fn, categorical)`` from the family's capabilities, else ``TypeError``."""
+    caps = family.capabilities
+    if caps.bernoulli_logits is not None:
+        return caps.bernoulli_logits, False
+    if caps.categorical_logits is not None:
+        return caps.categorical_logits, True
+    raise TypeError(
+        "indecater() needs family.capabilities.categorical_logits or bernoulli_logits "
+        "(independent discrete coordinates parameterized by logits, e.g. "
+        "sg.families.categorical() or an adapted numpyro/distrax one); family "
+        f"{family.name!r} has none. Use sg.score_function() for other families."
+    )
+
+
 def _indecater_cost(family, theta) -> int:
-    kind = (family.capabilities or {}).get("kind")
-    if kind not in ("bernoulli", "categorical"):
-        raise TypeError(
-            f"indecater() needs the built-in sg.families.categorical() or bernoulli() (independent "
-            f"discrete coordinates); got family {family.name!r}. Use sg.score_function() for "
-            "other families."
-        )
-    shape = jnp.shape(theta)
-    if kind == "bernoulli":
+    logits_of, categorical = _logits(family)
+    shape = jax.eval_shape(logits_of, theta).shape
+    if not categorical:
         return 2 * math.prod(shape)
     return shape[-1] * math.prod(shape[:-1])
 
@@ -152,9 +156,9 @@ def indecater() -> Estimator:
     :math:`D \cdot K` evaluations of f (``num_samples`` must be a multiple of it); the value is
     the mean of f at the units' draws.
 
-    * **Bias**: unbiased. **Needs from f**: nothing (any scalar). **From the family**: the
-      built-in ``categorical`` (logits ``(..., K)``) or ``bernoulli`` (K = 2); others raise
-      ``TypeError``.
+    * **Bias**: unbiased. **Needs from f**: nothing (any scalar). **From the family**:
+      ``capabilities.categorical_logits`` (logits ``(..., K)``) or ``bernoulli_logits`` (K = 2):
+      the built-in or adapted categorical / bernoulli; others raise ``TypeError``.
     * **Derivative order**: first order. The surrogate
       ``f(x) + sum_{d,k} (p_dk - stop_gradient(p_dk)) * stop_gradient(f_dk)`` gives the
       within-coordinate second derivatives but not the cross-coordinate ones, so ``jax.hessian``
@@ -179,8 +183,8 @@ def indecater() -> Estimator:
         if x is None:
             x = model.draw(params, key)
         x = jax.lax.stop_gradient(x)
-        kind = model.family.capabilities["kind"]
-        logp = _table(kind, params.theta)
+        logits_of, categorical = _logits(model.family)
+        logp = _table(logits_of(params.theta), categorical)
         d, k = logp.shape
         points = _replaced(jnp.asarray(x), k)
         fv = jax.vmap(jax.vmap(lambda p: model.eval_f(params, p)))(points)

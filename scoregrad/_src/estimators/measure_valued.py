@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -13,25 +13,33 @@ from scoregrad._src.base import Estimator, UnitOut, single_term
 _SUPPORTED = "normal (loc, scale), bernoulli, poisson, exponential, gamma (rate)"
 
 
+def _identity(theta):
+    return theta
+
+
 def decomposition_of(family):
-    """The family's weak-derivative decomposition, or ``TypeError`` naming the fix."""
-    caps: Any = family.capabilities or {}  # Family.capabilities is an untyped mapping
-    fn = caps.get("weak_derivative") or wd.BY_KIND.get(caps.get("kind"))
-    if fn is None:
-        raise TypeError(
-            f"measure_valued() has no weak-derivative decomposition for family {family.name!r}; "
-            f"it supports the built-in {_SUPPORTED}. Use sg.score_function() (any family) or "
-            "sg.pathwise() (reparameterizable families), or give the family a "
-            "capabilities['weak_derivative'] (see scoregrad._src.weak_derivative)."
-        )
-    return fn
+    """``(decomposition, param_map)``: the family's weak-derivative decomposition and the map
+    from theta to the parameters it differentiates in (identity for
+    ``capabilities.weak_derivative``; the logits for ``capabilities.bernoulli_logits``), or
+    ``TypeError`` naming the capability."""
+    caps = family.capabilities
+    if caps.weak_derivative is not None:
+        return caps.weak_derivative, _identity
+    if caps.bernoulli_logits is not None:
+        return wd.bernoulli, caps.bernoulli_logits
+    raise TypeError(
+        "measure_valued() needs family.capabilities.weak_derivative (a weak-derivative "
+        "decomposition, see scoregrad._src.weak_derivative) or bernoulli_logits; family "
+        f"{family.name!r} has none. Built in for {_SUPPORTED}. Use sg.score_function() (any "
+        "family) or sg.pathwise() (reparameterizable families)."
+    )
 
 
-def _cost(fn, family, theta) -> int:
+def _cost(fn, param_map, family, theta) -> int:
     """1 + number of extra points: evaluations of f per unit (from shapes only)."""
     key = jax.random.key(0)
     x = jax.eval_shape(family.sample, theta, key)
-    return 1 + int(jax.eval_shape(fn, theta, x, key).points.shape[0])
+    return 1 + int(jax.eval_shape(lambda t, x_, k: fn(param_map(t), x_, k), theta, x, key).points.shape[0])
 
 
 def measure_valued() -> Estimator:
@@ -51,7 +59,7 @@ def measure_valued() -> Estimator:
     :math:`f(X+1) - f(X)`), exponential (rate; Exp vs Gamma(2)) and gamma (rate, with the
     concentration fixed via ``sg.families.gamma(concentration=...)``). Any other family or
     parameter (gamma's concentration, categorical, user families without
-    ``capabilities["weak_derivative"]``) raises ``TypeError`` at trace time — never a silent zero.
+    ``capabilities.weak_derivative`` or ``bernoulli_logits``) raises ``TypeError`` at trace time — never a silent zero.
 
     * **Cost**: a unit is one draw and its coupled points: ``1 + E`` evaluations of f, with
       ``E = 3d`` for a normal of d coordinates (loc ±, scale +; the scale's negative part is the
@@ -88,18 +96,18 @@ def measure_valued() -> Estimator:
       Rosca, Figurnov and Mnih, "Monte Carlo Gradient Estimation in Machine Learning", JMLR
       2020, §6.
     """
-    return _build(draws_per_unit=1, decomposition=None)
+    return _build(draws_per_unit=1, decomposition=None, param_map=_identity)
 
 
-def _build(draws_per_unit: int, decomposition) -> Estimator:
+def _build(draws_per_unit: int, decomposition, param_map) -> Estimator:
     def unit(model, params, key, x, state):
         del state, x
         if decomposition is None:
             raise TypeError("measure_valued(): call it through sg.estimate_grad/sg.expectation.")
         k_draw, k_extra = jax.random.split(key)
-        theta = jax.lax.stop_gradient(params.theta)
+        phi = param_map(params.theta)  # what the decomposition differentiates in
         x = jax.lax.stop_gradient(model.draw(params, k_draw))
-        parts = jax.lax.stop_gradient(decomposition(theta, x, k_extra))
+        parts = jax.lax.stop_gradient(decomposition(jax.lax.stop_gradient(phi), x, k_extra))
         f_x = model.eval_f(params, x)
         frozen = jax.lax.stop_gradient(params)
         f_pts = jax.vmap(lambda p: model.eval_f(frozen, p))(parts.points)
@@ -109,14 +117,14 @@ def _build(draws_per_unit: int, decomposition) -> Estimator:
             g = jax.lax.stop_gradient(coef * (table[plus] - table[minus])).astype(th.dtype)
             return jnp.sum(g * (th - jax.lax.stop_gradient(th)))
 
-        extra = jax.tree_util.tree_map(leaf_term, params.theta, parts.plus, parts.minus, parts.coef)
+        extra = jax.tree_util.tree_map(leaf_term, phi, parts.plus, parts.minus, parts.coef)
         # theta has at least one leaf (validation.check_theta), so the sum is an array, not 0
         term = f_x + cast(jax.Array, sum(jax.tree_util.tree_leaves(extra))).astype(f_x.dtype)
         return UnitOut(term[None], jax.lax.stop_gradient(f_x)[None])
 
     def specialize(family, theta):
-        fn = decomposition_of(family)
-        return _build(draws_per_unit=_cost(fn, family, theta), decomposition=fn)
+        fn, pmap = decomposition_of(family)
+        return _build(draws_per_unit=_cost(fn, pmap, family, theta), decomposition=fn, param_map=pmap)
 
     return single_term(
         "measure_valued",

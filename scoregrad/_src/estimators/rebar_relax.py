@@ -89,15 +89,19 @@ def relax_surrogate(f_of, log_prob_of, cv, omega, theta, eps, v):
 
 
 def _unit_term(model, params, key, cv, omega):
-    th = params.theta
-    dtype = jnp.result_type(th)
+    # capabilities.bernoulli_logits (checked at trace time); gradients reach theta through it
+    logits = model.family.capabilities.bernoulli_logits(params.theta)
+    dtype = jnp.result_type(logits)
     ku, kv = jax.random.split(key)
-    eps = jax.random.logistic(ku, jnp.shape(th), dtype)
-    v = jax.random.uniform(kv, jnp.shape(th), dtype, minval=jnp.finfo(dtype).tiny, maxval=1.0)
+    eps = jax.random.logistic(ku, jnp.shape(logits), dtype)
+    v = jax.random.uniform(kv, jnp.shape(logits), dtype, minval=jnp.finfo(dtype).tiny, maxval=1.0)
+    # the score is the family's own log_prob at params (its theta gradient is the chain rule
+    # through the logits); the logits passed as `theta` below feed z, z~ and the relaxations
+    draw = jax.eval_shape(lambda: model.draw(params, key)).dtype  # log_prob takes its draws' dtype
     return relax_surrogate(
         lambda y: model.eval_f(params, y),
-        lambda t, b: model.eval_log_prob(params._replace(theta=t), b),
-        cv, omega, th, eps, v,
+        lambda t, b: model.eval_log_prob(params, b.astype(draw)),
+        cv, omega, logits, eps, v,
     )
 
 
@@ -185,7 +189,7 @@ def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
         min_units=1,
         needs_key=True,
         stateful=learn,
-        check=make_check(f"{name}()", kinds=("bernoulli",), fix=" (REBAR/RELAX support Bernoulli "
+        check=make_check(f"{name}()", categorical=False, fix=" (REBAR/RELAX support Bernoulli "
                          "only; for categorical use sg.gumbel_softmax or the score function)."),
         learn=_learn_fn(cv, optimizer) if learn else None,
         max_order=1,
@@ -203,8 +207,9 @@ _COMMON = r"""
       (tests check it exactly by quadrature over the noise, and statistically).
     * **Needs from f**: defined and differentiable on [0, 1]^d (it is evaluated at relaxed
       points :math:`\sigma(z/\lambda)` by the control variate); f of theta's shape.
-    * **Needs from the family**: the built-in :func:`scoregrad.families.bernoulli` (theta =
-      logits array). Categorical and other families raise TypeError.
+    * **Needs from the family**: ``family.capabilities.bernoulli_logits`` (the built-in
+      :func:`scoregrad.families.bernoulli` or an adapted numpyro/distrax Bernoulli).
+      Categorical and other families raise TypeError naming the capability.
     * **Derivative order**: first order only: ``jax.hessian`` of :func:`scoregrad.expectation`
       (:func:`scoregrad.expectation_with_state`) is **not** a Hessian estimate.
     * **Cost**: 3 evaluations of f per draw (at b, and the control variate at z and z~), counted

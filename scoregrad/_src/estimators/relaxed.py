@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from scoregrad._src.base import Estimator, UnitOut, single_term
 from scoregrad._src.estimators.traits import mark_not_unbiased
-from scoregrad._src.family import Family
+from scoregrad._src.family import Capabilities, Family
 
-KINDS = ("bernoulli", "categorical")
 sg_ = jax.lax.stop_gradient
 
 
@@ -62,26 +61,44 @@ def check_temperature(temperature, who: str) -> float:
     return value
 
 
-def family_kind(family: Family):
+def family_logits(family: Family) -> tuple[Callable, bool]:
+    """``(logits_fn, categorical)`` from ``family.capabilities``: ``bernoulli_logits`` first, then
+    ``categorical_logits``; ``(None, False)`` when it has neither (the check has raised)."""
     caps = family.capabilities
-    return caps.get("kind") if hasattr(caps, "get") else None
+    if caps.bernoulli_logits is not None:
+        return caps.bernoulli_logits, False
+    if caps.categorical_logits is not None:
+        return caps.categorical_logits, True
+    return _no_logits, False
 
 
-def make_check(who: str, kinds=KINDS, fix: str = ""):
-    """A trace-time check that the family is a built-in bernoulli/categorical with array logits."""
+def _no_logits(theta):
+    raise TypeError("this estimator needs family.capabilities.bernoulli_logits or categorical_logits.")
+
+
+def make_check(who: str, categorical: bool = True, fix: str = ""):
+    """A trace-time check that the family is parameterized by logits (``bernoulli_logits``, or
+    also ``categorical_logits`` when ``categorical``) and that they are a floating array."""
+    needs = "bernoulli_logits" + (" or categorical_logits" if categorical else "")
 
     def check(model, theta, x_struct):
         del x_struct
-        kind = family_kind(model.family)
-        if kind not in kinds:
-            names = " or ".join(f"sg.families.{k}()" for k in kinds)
+        caps = model.family.capabilities
+        if caps.bernoulli_logits is None and (not categorical or caps.categorical_logits is None):
+            what = "a Bernoulli" + (" or categorical" if categorical else "")
+            extra = fix if caps.categorical_logits is not None else ""
             raise TypeError(
-                f"{who} needs the built-in {names} family (it relies on how those families "
-                f"draw from their logits); got family {model.family.name!r} (kind {kind!r}). "
-                f"Use {names}, or sg.score_function() for any family.{fix}"
+                f"{who} needs family.capabilities.{needs} ({what} parameterized by logits, e.g. "
+                f"sg.families.bernoulli() or an adapted numpyro/distrax one); family "
+                f"{model.family.name!r} has none. Use sg.score_function() for any family.{extra}"
             )
-        if not hasattr(theta, "shape") or not hasattr(theta, "dtype"):
-            raise TypeError(f"{who}: theta must be an array of logits; got {type(theta).__name__}.")
+        fn, _ = family_logits(model.family)
+        struct = jax.eval_shape(fn, theta)
+        if not (hasattr(struct, "shape") and jnp.issubdtype(struct.dtype, jnp.floating)):
+            raise TypeError(
+                f"{who}: family.capabilities.{needs}(theta) must be a floating array of logits; "
+                f"got {struct!r}."
+            )
 
     return check
 
@@ -95,34 +112,34 @@ def f_input(x_struct, theta):
     return x_struct
 
 
-def noise(kind: str, key: jax.Array, logits: jax.Array) -> jax.Array:
+def noise(categorical: bool, key: jax.Array, logits: jax.Array) -> jax.Array:
     """Logistic noise (bernoulli) or Gumbel noise (categorical) of the logits' shape and dtype."""
     dtype = jnp.result_type(logits)
-    if kind == "bernoulli":
+    if not categorical:
         return jax.random.logistic(key, jnp.shape(logits), dtype)
     return jax.random.gumbel(key, jnp.shape(logits), dtype)
 
 
-def relax(kind: str, logits: jax.Array, eps: jax.Array, temperature) -> jax.Array:
+def relax(categorical: bool, logits: jax.Array, eps: jax.Array, temperature) -> jax.Array:
     r"""The relaxed sample: :math:`\sigma((\phi+L)/\lambda)` or :math:`\mathrm{softmax}((\phi+G)/\lambda)`."""
-    if kind == "bernoulli":
+    if not categorical:
         return jax.nn.sigmoid((logits + eps) / temperature)
     return jax.nn.softmax((logits + eps) / temperature, axis=-1)
 
 
-def harden(kind: str, logits: jax.Array, eps: jax.Array) -> jax.Array:
+def harden(categorical: bool, logits: jax.Array, eps: jax.Array) -> jax.Array:
     """The exact discrete draw from the same noise: a {0,1} float array or a one-hot array."""
     dtype = jnp.result_type(logits)
-    if kind == "bernoulli":
+    if not categorical:
         return (logits + eps > 0).astype(dtype)
     k = jnp.shape(logits)[-1]
     return jax.nn.one_hot(jnp.argmax(logits + eps, axis=-1), k, dtype=dtype)
 
 
-def straight_through_input(kind: str, logits, eps, temperature):
+def straight_through_input(categorical: bool, logits, eps, temperature):
     """What straight-through Gumbel passes to f: the hard draw, with the relaxed sample's gradient."""
-    y = relax(kind, logits, eps, temperature)
-    return harden(kind, sg_(logits), eps) + (y - sg_(y))
+    y = relax(categorical, logits, eps, temperature)
+    return harden(categorical, sg_(logits), eps) + (y - sg_(y))
 
 
 def binary_concrete_log_prob(logits, temperature, y) -> jax.Array:
@@ -192,10 +209,10 @@ def relaxed_bernoulli(temperature: float) -> Family:
     lam = check_temperature(temperature, "relaxed_bernoulli")
     return Family(
         log_prob=lambda th, y: binary_concrete_log_prob(th, lam, y),
-        sample=lambda th, key: relax("bernoulli", th, noise("bernoulli", key, th), lam),
+        sample=lambda th, key: relax(False, th, noise(False, key, th), lam),
         reparameterized=True,
         name=f"relaxed_bernoulli({lam})",
-        capabilities=types.MappingProxyType({"kind": "relaxed_bernoulli", "continuous": True}),
+        capabilities=Capabilities(continuous=True, discrete=False),
     )
 
 
@@ -214,10 +231,10 @@ def relaxed_categorical(temperature: float) -> Family:
     lam = check_temperature(temperature, "relaxed_categorical")
     return Family(
         log_prob=lambda th, y: concrete_log_prob(th, lam, y),
-        sample=lambda th, key: relax("categorical", th, noise("categorical", key, th), lam),
+        sample=lambda th, key: relax(True, th, noise(True, key, th), lam),
         reparameterized=True,
         name=f"relaxed_categorical({lam})",
-        capabilities=types.MappingProxyType({"kind": "relaxed_categorical", "continuous": True}),
+        capabilities=Capabilities(continuous=True, discrete=False),
     )
 
 
@@ -241,15 +258,16 @@ def _estimator(name, unit, check, needs_key) -> Estimator:
 
 def _noise_relaxation(name: str, temperature, f_input) -> Estimator:
     """An estimator that draws logistic/Gumbel noise per unit and evaluates f at
-    ``f_input(kind, logits, noise, temperature)`` (the relaxed or straight-through input)."""
+    ``f_input(categorical, logits, noise, temperature)`` (the relaxed or straight-through input)."""
     lam = check_temperature(temperature, name)
     who = f"{name}({lam})"
 
     def unit(model, params, key, x, state):
         del x, state
-        kind = family_kind(model.family)
-        eps = noise(kind, key, params.theta)
-        return _out(model.eval_f(params, f_input(kind, params.theta, eps, lam)))
+        logits_of, categorical = family_logits(model.family)
+        logits = logits_of(params.theta)  # gradients reach theta through the parameterization
+        eps = noise(categorical, key, logits)
+        return _out(model.eval_f(params, f_input(categorical, logits, eps, lam)))
 
     return _estimator(who, unit, make_check(who), needs_key=True)
 
@@ -273,8 +291,10 @@ def gumbel_softmax(temperature: float = 0.5) -> Estimator:
       variance grows like :math:`1/\lambda`); tests measure it.
     * **Needs from f**: defined and differentiable on the relaxed values (see the module
       docstring: (0, 1) for bernoulli, the simplex ``(..., K)`` for categorical).
-    * **Needs from the family**: the built-in :func:`scoregrad.families.bernoulli` or
-      :func:`scoregrad.families.categorical` (theta = logits); other families raise TypeError.
+    * **Needs from the family**: ``family.capabilities.bernoulli_logits`` or
+      ``categorical_logits`` (the built-in :func:`scoregrad.families.bernoulli` /
+      :func:`scoregrad.families.categorical`, or adapted numpyro/distrax ones); other families
+      raise TypeError naming the capability.
     * **Derivative order**: ``jax.hessian`` of :func:`scoregrad.expectation` is the pathwise
       Hessian of the relaxed objective (all orders, with the same bias), not of
       :math:`\mathbb E[f(b)]`.
@@ -308,7 +328,8 @@ def straight_through() -> Estimator:
       (for Bernoulli :math:`\mathbb E\hat g = \sigma'(\phi)\,\mathbb E[f'(b)]` versus the true
       :math:`\sigma'(\phi)(f(1) - f(0))`); it is exact only for f linear in b.
     * **Needs from f**: differentiable in its (float) input; categorical f takes one-hot input.
-    * **Needs from the family**: built-in bernoulli or categorical. Accepts given samples
+    * **Needs from the family**: ``capabilities.bernoulli_logits`` or ``categorical_logits``
+      (built-in or adapted bernoulli / categorical). Accepts given samples
       (:func:`scoregrad.estimate_grad_from_samples`), since it needs no noise beyond the draw.
     * **Derivative order**: first order only; ``jax.hessian`` of :func:`scoregrad.expectation`
       is not meaningful.
@@ -329,12 +350,12 @@ def straight_through() -> Estimator:
 
     def unit(model, params, key, x, state):
         del state
-        kind = family_kind(model.family)
-        th = params.theta
+        logits_of, categorical = family_logits(model.family)
+        th = logits_of(params.theta)
         if x is None:
             x = model.draw(params, key)
         x = sg_(x)
-        if kind == "bernoulli":
+        if not categorical:
             hard, p = x.astype(th.dtype), jax.nn.sigmoid(th)
         else:
             hard = jax.nn.one_hot(x, jnp.shape(th)[-1], dtype=th.dtype)
@@ -356,7 +377,7 @@ def straight_through_gumbel(temperature: float = 1.0) -> Estimator:
       the true gradient :math:`\sigma'(\phi)(f(1)-f(0))` only when f is quadratic on [0, 1]; at
       larger :math:`\lambda` it is biased even then. Tests measure both.
     * **Needs from f**: differentiable in its (float) input; categorical f takes one-hot input.
-    * **Needs from the family**: built-in bernoulli or categorical.
+    * **Needs from the family**: ``capabilities.bernoulli_logits`` or ``categorical_logits``.
     * **Derivative order**: first order only.
 
     Args:
