@@ -69,7 +69,11 @@ class EngineOut(NamedTuple):
 def stats_dtype(f_dtype) -> Any:
     """The dtype statistics accumulate in: f's, but at least float32 (float16/bfloat16 counts
     and sums overflow or round away past a few thousand draws)."""
-    return jnp.promote_types(f_dtype, jnp.float32)
+    # Not jnp.promote_types: under jax_numpy_dtype_promotion="strict" it refuses (f64, f32).
+    dt = jnp.dtype(f_dtype)
+    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return dt
 
 
 def fstats_of(
@@ -250,7 +254,7 @@ def _masked_moments(grads, ok, dtype) -> Moments:
         mask = ok.reshape((-1,) + (1,) * (g.ndim - 1))
         g = jnp.where(mask, g, 0)
         m = jnp.sum(g, axis=0) / jnp.maximum(count, 1).astype(g.dtype)
-        c = jnp.where(mask, g - m, 0)
+        c = jnp.where(mask, g - m[None], 0)
         return m, jnp.sum(c[:, :, None] * c[:, None, :], axis=0)
 
     # Two maps over the leaves, not pairs picked apart with is_leaf=tuple: theta may itself be a

@@ -74,7 +74,7 @@ def coefficients(est: Estimator, base_w: jax.Array, comoment: jax.Array, floor=0
     stt = cm[..., t_idx, :][..., :, t_idx]
     sta = jnp.einsum("...tk,k->...t", cm[..., t_idx, :], wr.astype(cm.dtype))
     scale = jnp.trace(stt, axis1=-2, axis2=-1)[..., None, None] / len(t_idx)
-    eye = jnp.eye(len(t_idx), dtype=cm.dtype)
+    eye = jnp.broadcast_to(jnp.eye(len(t_idx), dtype=cm.dtype), stt.shape)
     ridge = stt + (1e-10 * scale + floor + jnp.finfo(cm.dtype).tiny) * eye
     coef = -jnp.linalg.solve(ridge, sta[..., None])[..., 0]
     coef = jnp.where(jnp.isfinite(coef), coef, 0.0)
