@@ -30,7 +30,8 @@ def decomposition_of(family):
     raise TypeError(
         "measure_valued() needs family.capabilities.weak_derivative (a weak-derivative "
         "decomposition, see scoregrad._src.weak_derivative) or bernoulli_logits; family "
-        f"{family.name!r} has none. Built in for {_SUPPORTED}. Use sg.score_function() (any "
+        f"{family.name!r} has none (no weak-derivative decomposition). Built in for "
+        f"{_SUPPORTED}. Use sg.score_function() (any "
         "family) or sg.pathwise() (reparameterizable families)."
     )
 
