@@ -49,18 +49,64 @@ def api_markdown() -> str:
     return "\n".join(parts)
 
 
-def notebook_markdown(path: pathlib.Path) -> str:
-    """A jupytext percent notebook as markdown: markdown cells as they are, code fenced."""
-    nb = jupytext.read(path)
+def _executed_outputs(path: pathlib.Path) -> list[list[str]] | None:
+    """The outputs of ``notebooks/executed/NAME.ipynb`` per code cell, as markdown/HTML pieces.
+
+    ``None`` when there is no executed copy or its code differs from ``path`` (then the page
+    shows the code alone rather than outputs of other code).
+    """
+    import json
+
+    executed = path.parent / "executed" / f"{path.stem}.ipynb"
+    if not executed.exists():
+        return None
+    nb = json.loads(executed.read_text())
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    src = [c for c in jupytext.read(path).cells if c.cell_type == "code"]
+    if ["".join(c["source"]).strip() for c in cells] != [c.source.strip() for c in src]:
+        return None
     out = []
+    for cell in cells:
+        pieces = []
+        for o in cell.get("outputs", []):
+            data = o.get("data", {})
+            if o.get("output_type") == "stream":
+                text = "".join(o["text"]) if isinstance(o["text"], list) else o["text"]
+                pieces.append(f"```text\n{text.rstrip()}\n```")
+            elif "image/png" in data:
+                png = "".join(data["image/png"]).replace("\n", "")
+                pieces.append(f'<img alt="figure" src="data:image/png;base64,{png}">')
+            elif "text/plain" in data and o.get("output_type") == "execute_result":
+                text = "".join(data["text/plain"])
+                if not text.startswith("<Figure"):
+                    pieces.append(f"```text\n{text.rstrip()}\n```")
+        out.append(pieces)
+    return out
+
+
+def notebook_markdown(path: pathlib.Path) -> str:
+    """A jupytext percent notebook as markdown: markdown cells as they are, code fenced, and each
+    code cell followed by its outputs and figures from the executed copy (if it is current)."""
+    nb = jupytext.read(path)
+    outputs = _executed_outputs(path)
+    out, i = [], 0
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             out.append(cell.source)
-        elif cell.source.strip():
-            out.append(f"```python\n{cell.source}\n```")
+        elif cell.cell_type == "code":
+            if cell.source.strip():
+                out.append(f"```python\n{cell.source}\n```")
+            if outputs is not None:
+                out.extend(outputs[i])
+            i += 1
     src = f"notebooks/{path.name}"
-    out.append(f"*Source: `{src}` (jupytext). Run it with `python {src}`, or open it in "
-               "Jupyter with jupytext installed; `SCOREGRAD_SMOKE=1` shrinks it.*")
+    shown = ("Outputs and figures are those of `notebooks/executed/"
+             f"{path.stem}.ipynb`." if outputs is not None else "")
+    out.append(f"*Source: `{src}` (jupytext). {shown} To open it as a notebook: "
+               f"`jupytext --to notebook {src}`, or open the executed `.ipynb` in Jupyter, "
+               f"VS Code or on GitHub. Run it as a script with `python {src}` (figures are "
+               "saved to `./figures/*.png`, see `notebooks/README.md`); "
+               "`SCOREGRAD_SMOKE=1` shrinks it.*")
     return "\n\n".join(out) + "\n"
 
 

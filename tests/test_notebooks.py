@@ -30,6 +30,9 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # run as a script, a notebook keeps its figures: each is saved as figures/NAME_i.png
+    saved = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
+    assert saved and all(p.startswith(name[:-3]) for p in saved), (name, saved)
 
 
 def test_executed_notebooks_match_their_sources_and_ran_cleanly():
@@ -50,3 +53,17 @@ def test_executed_notebooks_match_their_sources_and_ran_cleanly():
         assert all(c.get("execution_count") for c in ran), f"{name}: not every cell was executed"
         outputs = [o for c in ran for o in c.get("outputs", [])]
         assert outputs and not [o for o in outputs if o.get("output_type") == "error"], name
+
+
+def test_docs_pages_show_the_executed_outputs_and_figures():
+    # docs/hooks.py renders each notebook page from NAME.py with the outputs of the executed copy
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks",
+                                                  NOTEBOOK_DIR.parent / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    for name in NOTEBOOKS:
+        page = hooks.notebook_markdown(NOTEBOOK_DIR / name)
+        assert "```text" in page and 'src="data:image/png;base64,' in page, name
+        assert "jupytext --to notebook" in page, name
