@@ -172,7 +172,11 @@ def test_contract_cell(name, pname):
     assert f.calls == traced and run._cache_size() == 1, "the second jitted call retraced f"
     assert {a.dtype for a in _leaves((full, chunked, value, grad))} == {np.dtype(np.float32)}
     np.testing.assert_allclose(value, full[0], rtol=1e-5, atol=1e-6)
-    _close(chunked, full, rtol=1e-5, atol=1e-6, what="chunk_size=units-1 vs automatic")
+    # Values and gradients to float32 rounding; standard errors to 1e-5 absolute: an estimator
+    # that is exact on this problem (the optimal baseline on a linear f) has an SE of rounding
+    # noise (a few 1e-6) that legitimately changes with the summation order.
+    _close(chunked[:2], full[:2], rtol=1e-5, atol=1e-6, what="chunk_size=units-1 vs automatic")
+    _close(chunked[2], full[2], rtol=1e-4, atol=1e-5, what="stderr, chunk_size=units-1")
     _close(grad, full[1], rtol=1e-4, atol=1e-6, what="grad of expectation vs estimate_grad")
 
 
@@ -373,7 +377,12 @@ def test_control_variate_tracking_f_is_exact(wname, name):
     exact_cv = problem.name in ENUMERABLE_HOMES or problem.name == "gauss_square_d1"
     assert exact_cv, problem.name
     theta = _theta(problem, jnp.float32)
-    r = jax.jit(lambda th, k: _estimate(est, problem, th, k, _n(est)))(theta, jax.random.key(4))
+    # The cross-fitted coefficient is 1 (exactness) only when each fold's draws vary: with a
+    # handful of Bernoulli draws a fold is often constant and its coefficient falls back to 0
+    # (unbiased, not exact). 64 units make a constant fold a 2^-31 event.
+    n = _n(est) if wname == "control_variates(c=1)" else usable_budget(
+        64 * est.draws_per_unit, est.draws_per_unit, est.min_units)
+    r = jax.jit(lambda th, k: _estimate(est, problem, th, k, n))(theta, jax.random.key(4))
     tol = 1e-4 if wname == "control_variates(c=1)" else 2e-3
     np.testing.assert_allclose(P.flat(r.grad), P.flat(problem.exact_grad), rtol=tol,
                                atol=tol * np.max(np.abs(P.flat(problem.exact_grad))))
@@ -500,6 +509,10 @@ def test_option_honoured_or_refused(ep, nan_policy, devices, chunk):
     problem = P.get_problem(OPT_PROBLEM)
     theta = _theta(problem, jnp.float32)
     opts = {k: v for k, v in _opts(nan_policy, devices, chunk).items() if v is not None}
+    if ep == "estimate_grad_adaptive" and "chunk_size" in opts:
+        # adaptive draws whole chunks and rounds max_samples down to them (documented): 12 draws
+        # in chunks of 5 would be 10 draws, another estimate. Chunks of 4 keep the 12.
+        opts["chunk_size"] = 4
     call = lambda th, k: _ep_call(ep, problem.f, th, k, **opts)  # noqa: E731
     try:
         jaxpr = jax.make_jaxpr(call)(theta, jax.random.key(6))

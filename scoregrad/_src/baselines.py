@@ -89,7 +89,8 @@ def moving_average(decay: float = 0.9) -> Baseline:
         return MovingAverageState(jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
 
     def current(state: MovingAverageState):
-        corr = 1.0 - jnp.asarray(decay, state.average.dtype) ** state.steps
+        corr = 1.0 - jnp.asarray(decay, state.average.dtype) ** state.steps.astype(
+            state.average.dtype)
         return jnp.where(state.steps > 0, state.average / jnp.where(corr > 0, corr, 1.0), 0.0)
 
     def update(state: MovingAverageState, fstats: FStats):
@@ -274,7 +275,8 @@ def learned(fn: Callable, params: Any, optimizer: Any) -> tuple[Baseline, Callab
             return jnp.mean(w * jnp.square(fvals - b))
 
         value, grads = jax.value_and_grad(loss)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count with floats
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = jax.tree_util.tree_map(jnp.add, state.params, updates)
         return LearnedState(new_params, opt_state), value
 

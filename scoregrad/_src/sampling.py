@@ -396,7 +396,8 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
     def per_unit(k):
         uk = jax.random.key_data(k) if legacy else k
         fval = lambda t: jnp.asarray(f(family.sample(unravel(t), uk)), dtype)  # noqa: E731
-        diff = (jax.vmap(fval)(flat + shifts) - jax.vmap(fval)(flat - shifts)) / (2 * step)
+        diff = (jax.vmap(fval)(flat[None, :] + shifts)
+                - jax.vmap(fval)(flat[None, :] - shifts)) / (2 * step)
         return diff, fval(flat)
 
     def run_chunk(keys, xs):

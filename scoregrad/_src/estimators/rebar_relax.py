@@ -156,8 +156,12 @@ def _learn_fn(cv, optimizer):
             mode="grad", dtype=dtype, key=key,
         )
         assert out.grad_sums is not None  # mode="grad" always returns the gradient sums
-        grads = jax.tree_util.tree_map(lambda g: g[0] / num_units, out.grad_sums.theta)
-        updates, opt_state = optimizer.update(grads, state.opt_state, omega)
+        grads = jax.tree_util.tree_map(lambda g: g[0] / jnp.asarray(num_units, g.dtype),
+                                       out.grad_sums.theta)
+        # The user's optax optimizer mixes its int32 step count with floats (bias correction):
+        # run it under standard promotion even when the caller asked for strict.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, omega)
         new = RelaxState(optax.apply_updates(omega, updates), opt_state)
         ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
