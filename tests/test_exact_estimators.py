@@ -4,25 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_util import fixed_draw
 
 import scoregrad as sg
 
 KEY = jax.random.key(4242)
-
-
-def fixed_draw(family, x0):
-    """The family, but its sampler always returns x0 (to enumerate E[g] over the draw).
-
-    The draw depends on the key only formally (``+ 0 * bits``): scoregrad refuses, at trace
-    time, a sampler whose draws provably ignore the key, which a user never wants; this test
-    wants exactly that, to sum the estimator over the support."""
-
-    def sample(theta, key):
-        formal = jnp.zeros((), jnp.uint32) * jax.random.bits(key, (), jnp.uint32)
-        return x0 + formal.astype(jnp.result_type(x0))
-
-    return sg.Family(family.log_prob, sample, family.reparameterized, family.name, None,
-                     family.capabilities)
 
 
 def f_bern(x):

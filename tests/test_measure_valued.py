@@ -5,27 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.scipy.stats import norm
+from model_util import fixed_draw
 from stats_util import assert_below, assert_power, assert_unbiased, replicate_stats
 
 import scoregrad as sg
 
 KEY = jax.random.key(31337)
 MV = sg.measure_valued()
-
-
-def fixed_draw(family, x0):
-    """The family, but its sampler always returns x0 (to enumerate E[g] over the draw).
-
-    The draw depends on the key only formally (``+ 0 * bits``): scoregrad refuses, at trace
-    time, a sampler whose draws provably ignore the key, which a user never wants; this test
-    wants exactly that, to sum the estimator over the support."""
-
-    def sample(theta, key):
-        formal = jnp.zeros((), jnp.uint32) * jax.random.bits(key, (), jnp.uint32)
-        return x0 + formal.astype(jnp.result_type(x0))
-
-    return sg.Family(family.log_prob, sample, family.reparameterized, family.name, None,
-                     family.capabilities)
 
 
 def _expected_grad(family, theta, f, xs, probs, cost):

@@ -28,6 +28,15 @@ from scoregrad._src.family import Family
 PyTree = Any
 
 
+def _check_proposal_log_prob(proposal, proposal_theta, x_struct) -> None:
+    lq = problem.traced_struct(
+        proposal.log_prob, (proposal_theta, x_struct), "proposal.log_prob(proposal_theta, x)",
+        "Check that `proposal_theta` has the structure `proposal` expects.")
+    validation.check_scalar_float(
+        lq, "proposal.log_prob(proposal_theta, x)",
+        "It must return the log-density of ONE draw; sum over independent coordinates.")
+
+
 def _check_proposal(proposal, who):
     if not isinstance(proposal, Family):
         raise TypeError(f"{who}: `proposal` must be a scoregrad.Family (the distribution q that "
@@ -91,12 +100,7 @@ def _check_log_probs(family, theta, proposal, proposal_theta, x_struct, who):
     validation.check_scalar_float(
         lp, "family.log_prob(theta, x)",
         "It must return the log-density of ONE draw; sum over independent coordinates.")
-    lq = problem.traced_struct(
-        proposal.log_prob, (proposal_theta, x_struct), "proposal.log_prob(proposal_theta, x)",
-        "Check that `proposal_theta` has the structure `proposal` expects.")
-    validation.check_scalar_float(
-        lq, "proposal.log_prob(proposal_theta, x)",
-        "It must return the log-density of ONE draw; sum over independent coordinates.")
+    _check_proposal_log_prob(proposal, proposal_theta, x_struct)
 
 
 def _check_f(f, x_struct):
@@ -141,12 +145,7 @@ def importance_weighted(proposal: Family, proposal_theta: PyTree) -> Estimator:
         who = "importance_weighted"
         key = jax.random.PRNGKey(0) if model.legacy_key else jax.random.key(0)
         _check_draws_match(_proposal_draw(proposal, proposal_theta, key, who), x_struct, who)
-        lq = problem.traced_struct(
-            proposal.log_prob, (proposal_theta, x_struct), "proposal.log_prob(proposal_theta, x)",
-            "Check that `proposal_theta` has the structure `proposal` expects.")
-        validation.check_scalar_float(
-            lq, "proposal.log_prob(proposal_theta, x)",
-            "It must return the log-density of ONE draw; sum over independent coordinates.")
+        _check_proposal_log_prob(proposal, proposal_theta, x_struct)
 
     def unit(model, params, key, x, state):
         del state
