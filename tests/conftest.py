@@ -63,6 +63,15 @@ HEAVY = {
 }
 
 
+def _heavy_cases() -> set:
+    path = os.path.join(os.path.dirname(__file__), "heavy_cases.txt")
+    with open(path) as fh:
+        return {ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")}
+
+
+HEAVY |= _heavy_cases()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
