@@ -43,8 +43,23 @@ def _weighted(w, c):
     return jnp.tensordot(w, jnp.tensordot(w, c, axes=([0], [1])), axes=([0], [0]))
 
 
+def _closures_not_differentiable(prob: Problem, where: str) -> Problem:
+    """Differentiating through what f, log_prob or sample close over raises: estimate_grad's
+    per-unit gradients are in theta only, so an f that closes over theta would lose its pathwise
+    term (half the answer, silently). ``sg.expectation`` differentiates every closure."""
+    msg = (f"{where}: f (or log_prob/sample) closes over a value being differentiated; "
+           f"{where} estimates the gradient in theta only and would drop that path. Use "
+           "jax.grad(lambda theta: sg.expectation(f, family, theta, key, ...)), which "
+           "differentiates through what f closes over, or pass theta explicitly.")
+    p = prob.params
+    return prob._replace(params=p._replace(
+        f=policy.refuse_derivatives(p.f, msg), log_prob=policy.refuse_derivatives(p.log_prob, msg),
+        sample=policy.refuse_derivatives(p.sample, msg)))
+
+
 def _estimate(prob: Problem, state, where: str, samples=None) -> GradEstimate:
     """Run in mode "diag" (per-unit gradients to moments) and summarize, cross-fitted or not."""
+    prob = _closures_not_differentiable(prob, where)
     est = prob.est
     if fitted.routed(est):
         # Given samples offer no draw independent of the folds to centre on: the regularized
@@ -69,6 +84,10 @@ def _estimate(prob: Problem, state, where: str, samples=None) -> GradEstimate:
         mom.comoment)
     fs = problem.unshift(fs, ref)
     grad = policy.guard_tree(grad, fs)
+    if prob.nan_policy == "drop":  # every unit dropped: NaN, never a zero that looks exact
+        none_kept = mom.count < 1
+        grad = jax.tree_util.tree_map(lambda g: jnp.where(none_kept, jnp.nan, g), grad)
+        fs = fs._replace(mean=jnp.where(none_kept, jnp.nan, fs.mean))
     return summarize(
         fs=fs._replace(mean=_value_with_gradient(policy.guard(fs.mean, fs), grad, prob)),
         grad=grad,
@@ -231,7 +250,10 @@ def _surrogate(prob: Problem, state) -> tuple[jax.Array, FStats]:
     def primal_out(fs: FStats, ref):
         """(value, statistics of f itself): f was centred on ``ref`` in the engine."""
         fs = problem.unshift(fs, ref)
-        return policy.guard(fs.mean, fs).astype(prob.f_dtype), _fstats_float(fs)
+        value = policy.guard(fs.mean, fs)
+        if prob.nan_policy == "drop":  # every unit dropped: NaN, never a zero that looks exact
+            value = jnp.where(fs.units < 1, jnp.nan, value)
+        return value.astype(prob.f_dtype), _fstats_float(fs)
 
     @jax.custom_jvp
     def core(params, key_data, st):
@@ -257,8 +279,12 @@ def _surrogate(prob: Problem, state) -> tuple[jax.Array, FStats]:
         fs = out.fstats
         denom = problem.kept_units(prob, fs)  # with nan_policy="drop": the finite units
         w = jax.lax.stop_gradient(est.weights(fs, st, denom))
+        # Every unit dropped: NaN (the gradient is a linear map of the tangent, so the NaN must
+        # sit in its coefficients, not in a select on the result), never a zero that looks exact.
+        none = jnp.where(fs.units < 1, jnp.nan, 1.0) if prob.nan_policy == "drop" else 1.0
         grads = jax.tree_util.tree_map(
-            lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1) / denom, out.grad_sums
+            lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1) / denom
+            * jnp.asarray(none, g.dtype), out.grad_sums
         )
         dots = [
             jnp.vdot(g, dp).astype(fs.mean.dtype)

@@ -94,8 +94,10 @@ def fstats_of(
         nonfinite = nonfinite + jnp.sum(~ok & f_ok).astype(jnp.int32)
     # Centred on the chunk's first f value: a large constant in f does not cost the mean and
     # the second moment their precision (sum of f - c, not of f).
-    c = per_unit[0, 0] if per_unit.size else jnp.zeros((), dtype)
-    c = jnp.where(jnp.isfinite(c), c, 0)
+    flat_f = per_unit.reshape(-1)
+    finite = jnp.isfinite(flat_f)
+    c = (jnp.where(jnp.any(finite), flat_f[jnp.argmax(finite)], 0) if per_unit.size
+         else jnp.zeros((), dtype))  # the chunk's first finite f value
     d = per_unit - c
     if not drop:
         n = jnp.asarray(d.size, dtype)
@@ -158,6 +160,8 @@ def counter_key(key: jax.Array) -> jax.Array:
     ``unsafe_rbg`` implementations do not promise the same bits under ``vmap`` as without it, so
     their draws changed with the chunk size; their key data is folded into a threefry key first
     (deterministically, every word), which keeps the result a function of ``(key, i)`` alone.
+    Entry points apply it to typed keys when they prepare (a legacy uint32 key keeps the default
+    implementation, whose raw data the user's sampler receives).
     """
     if "threefry" in str(jax.random.key_impl(key)):
         return key
@@ -169,7 +173,7 @@ def counter_key(key: jax.Array) -> jax.Array:
 
 def unit_keys(key: jax.Array, start: jax.Array, size: int) -> jax.Array:
     idx = start + jnp.arange(size, dtype=jnp.uint32)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(counter_key(key), idx)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
 
 
 def _rows_of_jacobian(vjp_fn, k: int, dtype) -> PyTree:

@@ -343,8 +343,9 @@ def _inputs(samples, key, num_samples):
         samples = jax.tree_util.tree_map(jnp.asarray, samples)
         return None, samples, int(leaves[0].shape[0]), False
     n = validation.check_num_samples(num_samples, minimum=2, who="estimate_grad_importance")
-    typed = engine.counter_key(validation.normalize_key(key))
-    return typed, None, n, validation.is_legacy_key(key)
+    legacy = validation.is_legacy_key(key)
+    typed = validation.normalize_key(key)
+    return (typed if legacy else engine.counter_key(typed)), None, n, legacy
 
 
 def _finish(mom, ws: _WStats, n, self_normalized, vhat):

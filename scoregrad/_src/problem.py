@@ -107,8 +107,13 @@ def prepare(
     if samples is None:
         # rbg/unsafe_rbg keys become threefry keys here (engine.counter_key): draws then depend
         # on (key, i) only, whatever the chunking or device count.
-        typed_key = engine.counter_key(validation.normalize_key(key))
         legacy = validation.is_legacy_key(key)
+        # A legacy uint32 key belongs to the default implementation, and the sampler receives
+        # its raw data: it keeps that implementation (with rbg as the default, chunk invariance
+        # then rests on that implementation's vmap behaviour).
+        typed_key = validation.normalize_key(key)
+        if not legacy:
+            typed_key = engine.counter_key(typed_key)
         user_key = jax.random.key_data(typed_key) if legacy else typed_key
         x_struct = traced_struct(
             family.sample, (theta, user_key), "family.sample(theta, key)",
@@ -164,7 +169,8 @@ def prepare(
 def shifted(prob: Problem, params, key=None, samples=None) -> tuple[Problem, jax.Array]:
     """For a shift-invariant estimator, ``prob`` with f centred on a reference value, and it.
 
-    The reference is f at one draw (unit 0's key folded once more, or the first given sample),
+    The reference is the first finite f among 8 reference draws (unit 0's key folded with
+    2^31 - 1 - j: independent of the estimate's draws), or among the first 8 given samples;
     stop-gradient. The estimate of a shift-invariant estimator does not depend on it in exact
     arithmetic; in floating point, centring keeps the sums of ``f * score`` and of the baseline's
     terms from cancelling when f carries a large constant. Other estimators: ``(prob, 0)``.
@@ -173,11 +179,17 @@ def shifted(prob: Problem, params, key=None, samples=None) -> tuple[Problem, jax
     if not prob.est.shift_invariant:
         return prob, zero
     if samples is not None:
-        x0 = jax.tree_util.tree_map(lambda a: a[0], samples)
+        m = min(8, int(jax.tree_util.tree_leaves(samples)[0].shape[0]))
+        xs = jax.tree_util.tree_map(lambda a: a[:m], samples)
     else:
-        x0 = prob.model.draw(params, jax.random.fold_in(jax.random.fold_in(key, 0), 2**31 - 1))
-    ref = jax.lax.stop_gradient(prob.model.eval_f(params, jax.lax.stop_gradient(x0)))
-    ref = jnp.where(jnp.isfinite(ref), ref, 0).astype(prob.dtype)
+        base = jax.random.fold_in(key, 0)
+        keys = jax.vmap(lambda j: jax.random.fold_in(base, j))(
+            jnp.uint32(2**31 - 1) - jnp.arange(8, dtype=jnp.uint32))
+        xs = jax.vmap(lambda k: prob.model.draw(params, k))(keys)
+    fx = jax.vmap(lambda x: prob.model.eval_f(params, x))(jax.lax.stop_gradient(xs))
+    fx = jax.lax.stop_gradient(fx).astype(prob.dtype)
+    ok = jnp.isfinite(fx)
+    ref = jnp.where(jnp.any(ok), fx[jnp.argmax(ok)], 0).astype(prob.dtype)
     return prob._replace(model=prob.model._replace(f_shift=ref)), ref
 
 

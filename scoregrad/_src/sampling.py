@@ -378,8 +378,9 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
     if not isinstance(step, (int, float)) or isinstance(step, bool) or not step > 0:
         raise ValueError(f"finite_difference(step=...) must be a positive float; got {step!r}.")
     chunk = run_policy.chunk_size
-    typed = engine.counter_key(validation.normalize_key(key))
     legacy = validation.is_legacy_key(key)
+    typed = validation.normalize_key(key)
+    typed = typed if legacy else engine.counter_key(typed)
     user_key = jax.random.key_data(typed) if legacy else typed
     theta_def = jax.tree_util.tree_structure(theta)
     x_struct = problem.traced_struct(
