@@ -129,7 +129,10 @@ def test_value_is_mean_of_f_jit_equals_eager_keys_agree(cfg):
     _f32_only((typed, from_legacy, value, grad))
     r = _estimate(cfg, theta, key)  # eager
     _close(typed, (r.value, r.grad, r.stderr))
-    _close(typed, from_legacy, rtol=0, atol=0)
+    # Same draws from the typed and the legacy key; equal to float32 rounding (one ulp): the two
+    # paths are different programs (the legacy one unwraps key data), which XLA may fuse and
+    # sum in a different order.
+    _close(typed, from_legacy, rtol=2.5e-7, atol=0)
     np.testing.assert_allclose(typed[0], mean_f, rtol=1e-5)
     np.testing.assert_allclose(value, mean_f, rtol=1e-5)
     _close(grad, typed[1])  # grad of expectation == estimate_grad's grad, same draws
