@@ -251,10 +251,11 @@ def mc_greeks(product: Product, theta: dict, key, *, num_samples: int,
       key: a JAX PRNG key; every Greek uses the same draws (common random numbers).
       num_samples: draws per Greek.
       method: ``"likelihood_ratio"`` (score function; first order by ``jax.grad``, gamma by
-        ``jax.hessian`` of :func:`scoregrad.expectation`), ``"pathwise"`` (biased for
-        discontinuous payoffs and for gamma of kinked ones), or ``"mixed"`` (pathwise first
+        ``jax.hessian`` of :func:`scoregrad.expectation`), ``"pathwise"`` (zero gamma for
+        kinked payoffs; refused with ``ValueError`` for discontinuous ones such as the digital,
+        whose payoff has a structurally zero derivative), or ``"mixed"`` (pathwise first
         order; gamma as the likelihood-ratio derivative of the pathwise delta: unbiased for
-        Lipschitz payoffs).
+        Lipschitz payoffs; refused for discontinuous payoffs like pathwise).
 
     Returns:
       A dict of scalars with keys ``price, delta, vega, rho, gamma``.
