@@ -75,7 +75,7 @@ def _cells():
         for pname in pnames:
             fast = pname == home and e.name in FAST
             out.append(pytest.param(e.name, pname, id=f"{e.name}@{pname}",
-                                    marks=() if fast else pytest.mark.slow))
+                                    marks=() if fast else pytest.mark.matrix_full))
     return out
 
 
@@ -175,7 +175,12 @@ def test_contract_cell(name, pname):
     # Values and gradients to float32 rounding; standard errors to 1e-5 absolute: an estimator
     # that is exact on this problem (the optimal baseline on a linear f) has an SE of rounding
     # noise (a few 1e-6) that legitimately changes with the summation order.
-    _close(chunked[:2], full[:2], rtol=1e-5, atol=1e-6, what="chunk_size=units-1 vs automatic")
+    # float32 rounding relative to the vector's scale; cross-fitted coefficients (a ratio of
+    # co-moments per coordinate) amplify the summation-order differences of their moments.
+    scale = max(float(np.max(np.abs(x))) for x in _leaves(full[:2])) + 1e-12
+    loose = bool(getattr(est, "fitted", ()))
+    _close(chunked[:2], full[:2], rtol=1e-3 if loose else 1e-4,
+           atol=(1e-4 if loose else 2e-5) * scale, what="chunk_size=units-1 vs automatic")
     _close(chunked[2], full[2], rtol=1e-4, atol=1e-5, what="stderr, chunk_size=units-1")
     _close(grad, full[1], rtol=1e-4, atol=1e-6, what="grad of expectation vs estimate_grad")
 
@@ -184,7 +189,7 @@ FAST_JIT = ("pathwise", "disarm")
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(e.name, marks=() if e.name in FAST_JIT else pytest.mark.slow)
+    pytest.param(e.name, marks=() if e.name in FAST_JIT else pytest.mark.matrix_full)
     for e in R.ESTIMATORS])
 def test_jit_equals_eager_and_vmap_over_keys(name):
     entry = ENTRIES[name]
@@ -301,7 +306,7 @@ FAST_STAT = ("arm", "measure_valued")
 
 @pytest.mark.statistical
 @pytest.mark.parametrize("name", [
-    pytest.param(p.values[0], id=p.id, marks=() if p.values[0] in FAST_STAT else pytest.mark.slow)
+    pytest.param(p.values[0], id=p.id, marks=() if p.values[0] in FAST_STAT else pytest.mark.matrix_full)
     for p in STAT_CELLS])
 def test_unbiased_by_replicates(x64, name):
     """|mean - exact| <= 5 SE + atol over 64 float64 replicates, with SE small enough to see a
@@ -363,7 +368,7 @@ FAST_CV = ("score_function", "pathwise", "disarm", "rebar", "measure_valued[bern
 
 @pytest.mark.parametrize("wname", ["control_variates", "control_variates(c=1)"])
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=() if n in FAST_CV else pytest.mark.slow) for n, _ in WRAPPED])
+    pytest.param(n, marks=() if n in FAST_CV else pytest.mark.matrix_full) for n, _ in WRAPPED])
 def test_control_variate_tracking_f_is_exact(wname, name):
     """An accepted control variate h = f (coefficient 1, or cross-fitted) gives the exact
     gradient on the same draws: the inner estimator's expectation, with zero variance."""
@@ -388,7 +393,7 @@ def test_control_variate_tracking_f_is_exact(wname, name):
                                atol=tol * np.max(np.abs(P.flat(problem.exact_grad))))
 
 
-@pytest.mark.slow
+@pytest.mark.matrix_full
 @pytest.mark.statistical
 @pytest.mark.parametrize("wname", ["antithetic", "stratified2", "qmc4"])
 @pytest.mark.parametrize("name", [n for n, _ in WRAPPED])
@@ -495,7 +500,7 @@ def _option_cells():
                     out.append(pytest.param(
                         ep, nan_policy, devices, chunk,
                         id=f"{ep}-{nan_policy}-dev_{devices}-chunk_{chunk}",
-                        marks=() if fast else pytest.mark.slow))
+                        marks=() if fast else pytest.mark.matrix_full))
     return out
 
 
@@ -534,7 +539,7 @@ def _nan_f(x):
 
 
 @pytest.mark.parametrize("nan_policy", ["raise", "drop",
-                                        pytest.param("propagate", marks=pytest.mark.slow)])
+                                        pytest.param("propagate", marks=pytest.mark.matrix_full)])
 @pytest.mark.parametrize("ep", ENTRY_POINTS)
 def test_nan_policy_with_nans(ep, nan_policy):
     """With NaN on some draws: "raise" raises (at trace time or when computed), "drop" gives a
@@ -594,7 +599,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.matrix_full
 def test_one_vs_four_host_devices():
     homes = {e.name: _home(e) for e in R.ESTIMATORS}
     code = f"HOMES = {homes!r}\n" + _DEVICE_CODE
