@@ -678,7 +678,8 @@ OFFSET_CASES = [
     ("score_batch_mean", lambda: sg.score_function(sg.baselines.batch_mean()), 64),
     ("score_optimal", lambda: sg.score_function(sg.baselines.optimal()), 64),
     ("rloo", lambda: sg.rloo(4), 64),
-    ("vimco", lambda: sg.vimco(4), 64),
+    # vimco is not centred: its gradient ignores a constant in f, but its per-draw Hessian does
+    # not (cross terms s_j s_k^T), so it is left out of the offset promise (docs/reliability.md).
     ("arm", sg.arm, 64),
     ("disarm", sg.disarm, 64),
     ("enumerate", sg.enumerate, 8),

@@ -171,4 +171,7 @@ def vimco(num_particles: int) -> Estimator:
 
     mark_not_unbiased(unit, f"vimco({k}) estimates the gradient of the log-mean-exp bound, not "
                       "of E[f]")
-    return _estimator(f"vimco({k})", unit, k, shift_invariant=True)
+    # Not shift_invariant: a constant added to f leaves VIMCO's gradient unchanged but adds
+    # c * (box(sum lp) - sum box_k) to the surrogate, whose second derivative (the cross terms
+    # s_j s_k^T) is not zero per draw: centring f would change its Hessian.
+    return _estimator(f"vimco({k})", unit, k)
