@@ -1,0 +1,1 @@
+"""Language-model RL losses and their exact bias on an enumerable toy (public: scoregrad.lm_rl)."""
