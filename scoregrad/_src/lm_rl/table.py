@@ -120,6 +120,7 @@ def markdown(cells: Sequence[dict]) -> str:
     lines = ["| loss | K | ‖E ĝ − ∇J‖ | relative | cosine | scale | verdict |",
              "|---|---|---|---|---|---|---|"]
     for c in cells:
-        lines.append(f"| {c['loss']} | {c['K']} | {c['bias']:.3e} | {c['relative']:.3e} | "
+        label = c["loss"].replace("|", "\\|")
+        lines.append(f"| {label} | {c['K']} | {c['bias']:.3e} | {c['relative']:.3e} | "
                      f"{c['cosine']:.6f} | {c['scale']:.4f} | {verdict(c)} |")
     return "\n".join(lines)
