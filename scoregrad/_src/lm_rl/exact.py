@@ -41,7 +41,7 @@ def multisets(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _per_prompt(loss_fn, idx, logc, mask, lp, old, ref, rew, q_log):
     """Expected loss and cotangent ``(N, T)`` for one prompt."""
     n, t = mask.shape
-    logw = jnp.asarray(logc) + q_log[idx].sum(-1)
+    logw = logc + q_log[idx].sum(-1)
     m = idx.shape[0]
     pad = (-m) % _CHUNK
     idx_p = jnp.concatenate([idx, jnp.zeros((pad, idx.shape[1]), idx.dtype)])
@@ -87,13 +87,20 @@ def expected_grad(loss_fn: Callable[..., jax.Array], toy: toy_lib.Toy, theta: Pa
         ref: reference-policy parameters, passed as ``ref_logp``.
     """
     idx, logc = multisets(toy.tokens.shape[0], k)
+    return _expected_grad(loss_fn, toy, theta, behaviour, ref, jnp.asarray(idx),
+                          jnp.asarray(logc))
+
+
+def _expected_grad(loss_fn, toy, theta, behaviour, ref, idx, logc):
+    """The multisets are arguments, not constants: under ``jit`` a 10 MB constant (K = 8)
+    slows compilation more than the enumeration itself takes to run."""
     lp = toy_lib.token_logp(toy, theta)
     sampler = theta if behaviour is None else behaviour
     q_log = jax.lax.stop_gradient(toy_lib.seq_logp(toy, sampler))
     old = None if behaviour is None else jax.lax.stop_gradient(toy_lib.token_logp(toy, behaviour))
     refl = None if ref is None else jax.lax.stop_gradient(toy_lib.token_logp(toy, ref))
     mask, rew = jnp.asarray(toy.mask), jnp.asarray(toy.rewards, lp.dtype)
-    run = functools.partial(_per_prompt, loss_fn, jnp.asarray(idx), logc, mask)
+    run = functools.partial(_per_prompt, loss_fn, idx, logc, mask)
     vals, cots = jax.vmap(run, in_axes=(0, None if old is None else 0,
                                         None if refl is None else 0, 0, 0))(
         jax.lax.stop_gradient(lp), old, refl, rew, q_log)
