@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+"""The per-token KL estimators :func:`kl_estimate` accepts."""
 
 
 def kl_estimate(logp: ArrayLike, ref_logp: ArrayLike, estimator: str = "k3") -> jax.Array:

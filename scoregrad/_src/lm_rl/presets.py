@@ -7,7 +7,7 @@ scale="none")``), and returns a loss to minimise (see :func:`sequence_loss`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 from jax.typing import ArrayLike
@@ -42,21 +42,8 @@ PRESETS: dict[str, LossConfig] = {
     "ppo_clip": LossConfig(baseline="loo", ratio="token", clip_low=0.2, clip_high=0.28,
                            aggregation="token"),
 }
-
-
-def _named(name: str) -> Callable[..., jax.Array]:
-    preset = PRESETS[name]
-
-    def loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
-             old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
-             **options: Any) -> jax.Array:
-        return sequence_loss(logp, mask, rewards, config=config(name, **options),
-                             old_logp=old_logp, ref_logp=ref_logp)
-
-    loss.__name__ = loss.__qualname__ = f"{name}_loss"
-    loss.__doc__ = (f"The {name} loss: :func:`sequence_loss` with ``PRESETS[{name!r}]`` "
-                    f"({preset}), fields overridden by ``options``.")
-    return loss
+"""The named losses' configurations: ``PRESETS[name]`` is the :class:`LossConfig` of
+``{name}_loss``, as its paper describes it."""
 
 
 def config(name: str, **options: Any) -> LossConfig:
@@ -74,11 +61,194 @@ def config(name: str, **options: Any) -> LossConfig:
     return PRESETS[name]._replace(**options)
 
 
-reinforce_loss = _named("reinforce")
-rloo_loss = _named("rloo")
-grpo_loss = _named("grpo")
-dr_grpo_loss = _named("dr_grpo")
-dapo_loss = _named("dapo")
-gspo_loss = _named("gspo")
-reinforce_pp_loss = _named("reinforce_pp")
-ppo_clip_loss = _named("ppo_clip")
+def _run(name, logp, mask, rewards, old_logp, ref_logp, options) -> jax.Array:
+    return sequence_loss(logp, mask, rewards, config=config(name, **options),
+                         old_logp=old_logp, ref_logp=ref_logp)
+
+
+def reinforce_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
+                   old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
+                   **options: Any) -> jax.Array:
+    r"""REINFORCE on sequences (Williams 1992): $-\frac1K\sum_i r_i \log p(o_i)$.
+
+    Unbiased on-policy: $\mathbb E[-\nabla\text{loss}] = \nabla\,\mathbb E[R]$ (exact in
+    ``tests/test_lm_rl.py``); with ``ratio="sequence"`` also off-policy. Needs only reward values.
+    Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    """
+    return _run("reinforce", logp, mask, rewards, old_logp, ref_logp, options)
+
+
+def rloo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
+              old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
+              **options: Any) -> jax.Array:
+    r"""RLOO (Kool et al. 2019; Ahmadian et al. 2024): REINFORCE with the leave-one-out baseline
+    $\frac1{K-1}\sum_{j\ne i} r_j$, token sum per completion, no std scaling. Needs K >= 2.
+
+    Unbiased on-policy for every K (and with ``ratio="sequence"`` off-policy); with
+    ``kl_coef``, ``kl_estimator="k1"`` and ``kl_in="reward"`` (or ``"reward_to_go"``) unbiased
+    for $\nabla(\mathbb E[R] - \beta\,\mathrm{KL}(p\,\|\,p_{\rm ref}))$.
+
+    Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from scoregrad import lm_rl as lm
+        >>> logp = jnp.log(jnp.array([[0.5, 0.5], [0.5, 1.0]]))
+        >>> mask = jnp.array([[1.0, 1.0], [1.0, 0.0]])
+        >>> float(lm.rloo_loss(logp, mask, jnp.array([1.0, 0.0])))
+        0.3466
+    """
+    return _run("rloo", logp, mask, rewards, old_logp, ref_logp, options)
+
+
+def grpo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
+              old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
+              **options: Any) -> jax.Array:
+    r"""GRPO (Shao et al. 2024): $A_i = (r_i - \bar r)/(\mathrm{std}(r) + \epsilon)$,
+    per-token ratio clipped to $[0.8, 1.2]$, $\frac1{|o_i|}\sum_t$ per completion, then the
+    group mean. The paper adds $\beta = 0.04$ times k3 as a loss term (``kl_coef=0.04``).
+
+    **Biased** in direction, not only in scale: the std scaling and the $1/|o_i|$ each bias it
+    (exact table in ``docs/lm-rl.md``).
+    Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    """
+    return _run("grpo", logp, mask, rewards, old_logp, ref_logp, options)
+
+
+def dr_grpo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
+                 old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
+                 **options: Any) -> jax.Array:
+    r"""Dr. GRPO (Liu et al. 2025): GRPO without std scaling and without $1/|o_i|$; each
+    completion's token sum is divided by a constant (``normaliser``, default T).
+
+    Unbiased up to a constant: on-policy $\mathbb E[-\nabla\text{loss}] =
+    \frac{K-1}{K\,C}\nabla\,\mathbb E[R]$ exactly (the group mean includes the completion's
+    own reward).
+    Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    """
+    return _run("dr_grpo", logp, mask, rewards, old_logp, ref_logp, options)
+
+
+def dapo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
+              old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
+              **options: Any) -> jax.Array:
+    r"""DAPO (Yu et al. 2025): group-normalised advantages, clip-higher ratio range
+    $[1 - 0.2, 1 + 0.28]$, token-level mean over the batch ($1/\sum_i|o_i|$).
+
+    **Biased** (std scaling; the token-count normaliser depends on the draws). Dynamic sampling
+    is not part of the loss (see ``docs/lm-rl.md``).
+    Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    """
+    return _run("dapo", logp, mask, rewards, old_logp, ref_logp, options)
+
+
+def gspo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
+              old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
+              **options: Any) -> jax.Array:
+    r"""GSPO (Zheng et al. 2025): sequence ratio $(p(o_i)/\mu(o_i))^{1/|o_i|}$ clipped to
+    $[1 - 3\cdot10^{-4}, 1 + 4\cdot10^{-4}]$, group-normalised advantages, mean over
+    completions.
+
+    **Biased** (std scaling, length normalisation); on-policy its expected update equals GRPO's.
+    Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    """
+    return _run("gspo", logp, mask, rewards, old_logp, ref_logp, options)
+
+
+def reinforce_pp_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
+                      old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
+                      **options: Any) -> jax.Array:
+    r"""REINFORCE++ (Hu 2025): token returns $r_i - \beta\sum_{s\ge t}k_{1,s}$ (KL to go,
+    when ``kl_coef`` > 0), whitened over every valid token of the batch, PPO clip 0.2, token
+    mean.
+
+    **Biased** (the batch whitening divides by a standard deviation of the draws).
+    Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    """
+    return _run("reinforce_pp", logp, mask, rewards, old_logp, ref_logp, options)
+
+
+def ppo_clip_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
+                  old_logp: ArrayLike | None = None, ref_logp: ArrayLike | None = None,
+                  **options: Any) -> jax.Array:
+    r"""PPO's clipped ratio (Schulman et al. 2017), asymmetric range $[1 - 0.2, 1 + 0.28]$,
+    leave-one-out advantages (no critic), token mean.
+
+    On-policy the clip is inactive (same gradient as unclipped, for every sample); biased with
+    the token mean, unbiased with ``aggregation="sequence"``. Off-policy the per-token ratio is
+    biased; ``ratio="sequence"`` without clipping is not.
+    Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    """
+    return _run("ppo_clip", logp, mask, rewards, old_logp, ref_logp, options)

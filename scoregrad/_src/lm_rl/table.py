@@ -48,6 +48,8 @@ TABLE_ROWS: tuple[Row, ...] = (
     Row("GRPO + k3 as loss", "grpo", {"kl_coef": KL_COEF, "kl_estimator": "k3"}),
     Row("REINFORCE++ + k1 reward-to-go", "reinforce_pp", {"kl_coef": KL_COEF}),
 )
+"""The rows of the exact bias table (:func:`bias_table`): every named loss with its paper's
+options, GRPO with each bias source removed, and KL-penalty variants (beta = 0.1)."""
 
 
 def default_problem() -> tuple[toy_lib.Toy, Any, Any]:
