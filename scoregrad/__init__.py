@@ -10,7 +10,9 @@ from scoregrad._src.api import (
     expectation_with_state,
 )
 from scoregrad._src.auto import AutoReport, auto
-from scoregrad._src.base import Baseline, Estimator, FStats, UnitOut, magic_box
+from scoregrad._src.base import Baseline, Draws, Estimator, FStats, Plan, Target, UnitOut, magic_box
+from scoregrad._src.binding import Bound
+from scoregrad._src.binding import bind_public as bind
 from scoregrad._src.diagnostics import Diagnostics, diagnostics, timed_estimate
 from scoregrad._src.estimators.arm import arm, disarm
 from scoregrad._src.estimators.exact import enumerate, indecater
@@ -32,18 +34,23 @@ __all__ = [
     "AdaptiveEstimate",
     "AutoReport",
     "Baseline",
+    "Bound",
+    "Draws",
     "Capabilities",
     "Diagnostics",
     "Estimator",
     "FStats",
     "Family",
     "GradEstimate",
+    "Plan",
     "RelaxState",
+    "Target",
     "UnitOut",
     "__version__",
     "arm",
     "auto",
     "baselines",
+    "bind",
     "control_variates",
     "diagnostics",
     "disarm",

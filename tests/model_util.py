@@ -19,3 +19,11 @@ def fixed_draw(family, x0):
 
     return sg.Family(family.log_prob, sample, family.reparameterized, family.name, None,
                      family.capabilities)
+
+
+def stateful(est) -> bool:
+    """Whether ``est`` threads a state (derived from its ``init``, as the library derives it)."""
+    import jax
+    import jax.numpy as jnp
+
+    return bool(jax.tree_util.tree_leaves(est.init(jnp.zeros(2))))

@@ -13,6 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from stats_util import assert_power, assert_unbiased
 
+import scoregrad as sg
 from scoregrad.bench import cli, plots, problems, registry, report, runner
 from scoregrad.bench import stats as bench_stats
 
@@ -119,7 +120,7 @@ def test_every_registered_estimator_builds_for_its_problems():
         p = problems.get_problem(pname)
         for entry in registry.applicable(p):
             est = entry.factory(p)
-            assert est.unit is not None, (entry.name, pname)
+            assert sg.bind(est, p.family, p.theta).num_terms >= 1, (entry.name, pname)
 
 
 def test_keys_are_stable_and_shared_across_estimators():
@@ -238,9 +239,9 @@ def test_estimators_with_a_unit_run_at_the_nearest_multiple():
     planned, _ = runner.plan(suite.problems, registry.estimator_names(), suite.samples)
     ran = set()
     for problem, entry, n in planned:
-        est = entry.factory(problem)
-        m = runner.usable_budget(n, est.draws_per_unit, est.min_units)
-        assert m % est.draws_per_unit == 0 and m >= est.min_units * est.draws_per_unit
+        b = sg.bind(entry.factory(problem), problem.family, problem.theta)
+        m = runner.usable_budget(n, b.draws_per_unit, b.min_units)
+        assert m % b.draws_per_unit == 0 and m >= b.min_units * b.draws_per_unit
         ran.add(entry.name)
     assert {"measure_valued", "qmc64[pathwise]", "qmc64[score_function]"} <= ran
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
+from model_util import stateful  # noqa: E402
 
 import scoregrad as sg
 
@@ -62,7 +63,7 @@ CATEGORICAL_ESTIMATORS = {
 
 def _run(f, family, theta, make, n):
     est = make()
-    state = est.init(theta) if est.stateful else None
+    state = est.init(theta) if stateful(est) else None
     return sg.estimate_grad(f, family, theta, KEY, num_samples=n, estimator=est, state=state)
 
 

@@ -1,15 +1,16 @@
 """Wrappers x estimators: each combination gives the inner estimator's expectation or is refused.
 
-* Binding (``Estimator.specialize``: measure-valued, enumerate, IndeCateR) never drops a
-  wrapper: control variates and sampling designs re-apply themselves to the bound estimator.
+* Binding (``Estimator.bind``: measure-valued, enumerate, IndeCateR depend on the family and
+  theta's shapes) never drops a wrapper: wrappers are Plan -> Plan maps inside ``bind``.
 * A control variate h is the wrapped estimator applied to h on the same draws, minus the gradient
   of h's known mean. Every estimator here is linear in its integrand (REBAR with fixed eta and
   temperature too), so with a fixed coefficient c the estimate equals, for the same key, the
   plain estimator of f - c h plus c grad mean(h), to rounding: the control variate inherits the
   estimator's (exact, quadrature- or enumeration-tested) unbiasedness. Biased estimators and
   other objectives are refused.
-* Sampling designs reach only the family's draw: estimators that draw noise of their own from the
-  unit key, or evaluate f several times per unit, are refused at trace time.
+* Sampling designs reach every uniform a unit draws through its ``Draws`` (the family's draw and
+  the estimator's own noise); estimators that draw with a raw key or in groups are refused at
+  trace time.
 """
 
 import jax
@@ -53,21 +54,42 @@ def _truth(f, theta):
 def test_specialize_reapplies_control_variates():
     for inner, cost in [(sg.measure_valued(), 3), (sg.enumerate(), 4), (sg.indecater(), 4)]:
         est = cv.with_control_variates(inner, H, coefficient=0.5)
-        bound = est.specialize(BERN, THETA)
+        bound = sg.bind(est, BERN, THETA)
         assert bound.num_terms == 2 and bound.draws_per_unit == cost, bound
         assert bound.name.endswith("+cv[h]")
         nested = cv.with_control_variates(est, cv.delta_method(f_bern), coefficient=0.5)
-        assert nested.specialize(BERN, THETA).num_terms == 3
+        assert sg.bind(nested, BERN, THETA).num_terms == 3
 
 
 @pytest.mark.parametrize("design", [sampling.antithetic, sampling.stratified, sampling.qmc])
-@pytest.mark.parametrize("inner", [sg.measure_valued, sg.enumerate, sg.indecater])
-def test_specialize_reapplies_designs_which_refuse_multi_evaluation_units(design, inner):
-    est = design(inner())
-    with pytest.raises(TypeError, match=r"evaluates f \d+ times per unit.*without a sampling"):
-        est.specialize(BERN, THETA)
-    with pytest.raises(TypeError, match="without a sampling design"):
-        sg.estimate_grad(f_bern, BERN, THETA, jax.random.key(0), num_samples=64, estimator=est)
+def test_designs_refuse_raw_key_draws(design):
+    # measure_valued draws its weak-derivative points with a raw key: no design reaches them.
+    est = design(sg.measure_valued())
+    with pytest.raises(TypeError, match="raw key.*without a sampling design"):
+        sg.bind(est, BERN, THETA)
+    with pytest.raises(TypeError, match="raw key.*without a sampling design"):
+        sg.estimate_grad(f_bern, BERN, THETA, jax.random.key(0), num_samples=64 * 3,
+                         estimator=est)
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("design", [sampling.antithetic, sampling.stratified, sampling.qmc])
+def test_designs_bind_through_shape_dependent_estimators(design, x64):
+    # enumerate and IndeCateR are bound to the family inside the design: draws per unit are the
+    # design's copies times the inner cost; enumerate under a design is still exact, IndeCateR
+    # unbiased (each copy's draw is exactly Bernoulli).
+    truth = _truth(f_bern, THETA)
+    est = design(sg.enumerate())
+    b = sg.bind(est, BERN, THETA)
+    r = sg.estimate_grad(f_bern, BERN, THETA, jax.random.key(0),
+                         num_samples=b.draws_per_unit, estimator=est)
+    np.testing.assert_allclose(r.grad, truth, rtol=1e-10)
+    est = design(sg.indecater())
+    b = sg.bind(est, BERN, THETA)
+    r = sg.estimate_grad(f_bern, BERN, THETA, jax.random.key(1),
+                         num_samples=b.draws_per_unit * 256, estimator=est)
+    assert_unbiased(r.grad, r.stderr, truth, what="design[indecater]")
+    assert_rejects(r.grad, r.stderr, 0.8 * truth, what="design[indecater] power")
 
 
 def test_measure_valued_with_cv_is_no_longer_a_plain_measure_valued(x64):

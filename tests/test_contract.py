@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from model_util import stateful  # noqa: E402
 
 import scoregrad as sg
 from scoregrad.baselines import MovingAverageState
@@ -79,7 +80,7 @@ def _configs(only=None):
 
 def _state(est, theta):
     """A non-trivial state for stateful estimators (as if from earlier steps), else None."""
-    if not est.stateful:
+    if not stateful(est):
         return None
     dtype = jax.tree_util.tree_leaves(theta)[0].dtype
     return MovingAverageState(jnp.asarray(1.5, dtype), jnp.asarray(2, jnp.int32))
@@ -96,7 +97,7 @@ def _expectation(cfg, theta, key, f=None, **kw):
     est = cfg.estimator()
     kw.setdefault("num_samples", N)
     f = cfg.f if f is None else f
-    if est.stateful:
+    if stateful(est):
         return sg.expectation_with_state(f, cfg.family(), theta, key, _state(est, theta),
                                          estimator=est, **kw)[0]
     return sg.expectation(f, cfg.family(), theta, key, estimator=est, **kw)
@@ -208,7 +209,7 @@ def test_second_jitted_step_does_not_recompile(cfg):
     @jax.jit
     def step(theta, opt_state, est_state, key):
         def loss(th):
-            if est.stateful:
+            if stateful(est):
                 return sg.expectation_with_state(f, fam, th, key, est_state, num_samples=N,
                                                  estimator=est)
             return sg.expectation(f, fam, th, key, num_samples=N, estimator=est), est_state
@@ -258,7 +259,7 @@ def test_optax_loop_reaches_the_optimum(cfg):
 
         def loss(th):
             f = _optax_objective(th)
-            if est.stateful:
+            if stateful(est):
                 return sg.expectation_with_state(f, fam, th, key, est_state, num_samples=64,
                                                  estimator=est)
             return sg.expectation(f, fam, th, key, num_samples=64, estimator=est), est_state

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.scipy.stats import norm
+from model_util import stateful  # noqa: E402
 from stats_util import assert_above, assert_below, assert_power, assert_unbiased
 
 import scoregrad as sg
@@ -257,7 +258,7 @@ def test_vae_encoder_gradients_are_unbiased(x64, name):
     est = vae.default_estimators()[name]
     exact = jax.grad(lambda p: vae.elbo(p, data, jax.random.key(0), num_samples=64,
                                         estimator=sg.enumerate())[0])(params)["enc"]["w"]
-    state = est.init(jnp.zeros((2, 3))) if est.stateful else None
+    state = est.init(jnp.zeros((2, 3))) if stateful(est) else None
 
     def one(k):
         g = jax.grad(lambda p: vae.elbo(p, data, k, num_samples=8, estimator=est,

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_util import stateful  # noqa: E402
 from stats_util import (
     assert_close_rel,
     assert_power,
@@ -70,7 +71,7 @@ def _replicates(est, f, key, reps=REPS, num_samples=NUM_SAMPLES):
     def one(k):
         k_prev, k_cur = jax.random.split(k)
         state = None
-        if est.stateful:
+        if stateful(est):
             state = sg.estimate_grad(f, fam, theta, k_prev, num_samples=num_samples,
                                      estimator=est, nan_policy=NAN).state
         return sg.estimate_grad(f, fam, theta, k_cur, num_samples=num_samples, estimator=est,

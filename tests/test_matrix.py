@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import stats_util as su
+from model_util import stateful  # noqa: E402
 
 import scoregrad as sg
 from scoregrad.bench import problems as P
@@ -83,14 +84,20 @@ def _theta(problem, dtype):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), problem.theta)
 
 
-def _units(est):
+def _b(est, problem):
+    """``est`` bound to the problem (its plan's sizes, what is derived)."""
+    return sg.bind(est, problem.family, _theta(problem, jnp.float32))
+
+
+def _units(est, problem):
     """Units for a cell: at least 5 (and the estimator's minimum), so that chunk size
     ``units - 1`` leaves a remainder of one unit."""
-    return max(5, est.min_units)
+    return max(5, _b(est, problem).min_units)
 
 
-def _n(est):
-    return usable_budget(_units(est) * est.draws_per_unit, est.draws_per_unit, est.min_units)
+def _n(est, problem):
+    b = _b(est, problem)
+    return usable_budget(_units(est, problem) * b.draws_per_unit, b.draws_per_unit, b.min_units)
 
 
 def _leaves(tree):
@@ -106,7 +113,7 @@ def _close(a, b, rtol=2e-5, atol=1e-6, what=""):
 
 def _estimate(est, problem, theta, key, n, f=None, state=None, **kw):
     f = problem.f if f is None else f
-    if est.stateful and state is None:
+    if stateful(est) and state is None:
         state = est.init(theta)
     return sg.estimate_grad(f, problem.family, theta, key, num_samples=n, estimator=est,
                             state=state, **kw)
@@ -115,10 +122,10 @@ def _estimate(est, problem, theta, key, n, f=None, state=None, **kw):
 def _value_and_grad(est, problem, theta, key, n, f=None, **kw):
     """(value, grad) of sg.expectation (sg.expectation_with_state for stateful estimators)."""
     f = problem.f if f is None else f
-    state = est.init(theta) if est.stateful else None
+    state = est.init(theta) if stateful(est) else None
 
     def loss(th):
-        if est.stateful:
+        if stateful(est):
             return sg.expectation_with_state(f, problem.family, th, key, state, num_samples=n,
                                              estimator=est, **kw)[0]
         return sg.expectation(f, problem.family, th, key, num_samples=n, estimator=est, **kw)
@@ -154,7 +161,7 @@ def test_contract_cell(name, pname):
     leaves a remainder); float32 kept; the second jitted call traces f no more."""
     problem = P.get_problem(pname)
     est = ENTRIES[name].factory(problem)
-    n, units = _n(est), _units(est)
+    n, units = _n(est, problem), _units(est, problem)
     f = _Counter(problem.f)
 
     @jax.jit
@@ -195,7 +202,7 @@ def test_jit_equals_eager_and_vmap_over_keys(name):
     entry = ENTRIES[name]
     problem = P.get_problem(_home(entry))
     est = entry.factory(problem)
-    n, theta = _n(est), _theta(problem, jnp.float32)
+    n, theta = _n(est, problem), _theta(problem, jnp.float32)
     keys = jax.random.split(jax.random.key(3), 3)
 
     def grads(key):
@@ -214,17 +221,18 @@ def test_jit_equals_eager_and_vmap_over_keys(name):
 # ------------------------------------------------------------------------------------------
 # Unbiasedness: exact by enumeration where the unit takes given draws, else 5 SE.
 
-def _min_batch(est):
+def _min_batch(est, problem):
     """The smallest batch of given draws: two, the estimator's minimum units of
     ``draws_per_unit`` draws, two per fold."""
-    return max(2, est.min_units * est.draws_per_unit, 2 * est.num_folds if est.fitted else 0)
+    b = _b(est, problem)
+    return max(2, b.min_units * b.samples_per_unit, 2 * b.num_folds if b.fitted else 0)
 
 
 def _takes_samples(est, problem):
     """Whether estimate_grad_from_samples accepts ``est`` (a trace-time probe)."""
     theta = _theta(problem, jnp.float32)
     x = problem.family.sample(theta, jax.random.key(0))
-    xs = jax.tree_util.tree_map(lambda a: jnp.stack([a] * _min_batch(est)), x)
+    xs = jax.tree_util.tree_map(lambda a: jnp.stack([a] * _min_batch(est, problem)), x)
     try:
         jax.eval_shape(lambda th, s: sg.estimate_grad_from_samples(
             problem.f, problem.family, th, s, estimator=est).grad, theta, xs)
@@ -266,7 +274,7 @@ def test_unbiased_exact_by_enumerating_batches(x64, name):
     est = entry.factory(problem)
     theta = _theta(problem, jnp.float64)
     support = problem.family.capabilities["support"](theta)
-    m = _min_batch(est)
+    m = _min_batch(est, problem)
     k = support.shape[0]
     idx = np.array(np.meshgrid(*[np.arange(k)] * m, indexing="ij")).reshape(m, -1).T
 
@@ -314,7 +322,7 @@ def test_unbiased_by_replicates(x64, name):
     entry = ENTRIES[name]
     problem = P.get_problem(_home(entry))
     est = entry.factory(problem)
-    n = usable_budget(64, est.draws_per_unit, est.min_units)
+    n = usable_budget(64, _b(est, problem).draws_per_unit, _b(est, problem).min_units)
     g = _replicate_grads(est, problem, _theta(problem, jnp.float64), n, jax.random.key(11))
     exact = P.flat(problem.exact_grad)
     mean, se = su.replicate_stats(g)
@@ -344,7 +352,7 @@ def _wrapped_outcome(wrapper, name, problem):
     theta = _theta(problem, jnp.float32)
     try:
         est = wrapper.wrap(inner, problem)
-        n = _n(est)
+        n = _n(est, problem)
         jax.eval_shape(lambda th: _estimate(est, problem, th, jax.random.key(0), n).grad, theta)
     except (TypeError, ValueError) as err:
         return inner, None, _refusal(err)
@@ -385,8 +393,8 @@ def test_control_variate_tracking_f_is_exact(wname, name):
     # The cross-fitted coefficient is 1 (exactness) only when each fold's draws vary: with a
     # handful of Bernoulli draws a fold is often constant and its coefficient falls back to 0
     # (unbiased, not exact). 64 units make a constant fold a 2^-31 event.
-    n = _n(est) if wname == "control_variates(c=1)" else usable_budget(
-        64 * est.draws_per_unit, est.draws_per_unit, est.min_units)
+    n = _n(est, problem) if wname == "control_variates(c=1)" else usable_budget(
+        64 * _b(est, problem).draws_per_unit, _b(est, problem).draws_per_unit, _b(est, problem).min_units)
     r = jax.jit(lambda th, k: _estimate(est, problem, th, k, n))(theta, jax.random.key(4))
     tol = 1e-4 if wname == "control_variates(c=1)" else 2e-3
     np.testing.assert_allclose(P.flat(r.grad), P.flat(problem.exact_grad), rtol=tol,
@@ -406,14 +414,14 @@ def test_design_same_expectation(x64, wname, name):
     if est is None:
         return  # refused: test_wrapper_right_or_refused checks the message
     theta = _theta(problem, jnp.float64)
-    n = usable_budget(64, est.draws_per_unit, est.min_units)
+    n = usable_budget(64, _b(est, problem).draws_per_unit, _b(est, problem).min_units)
     g = _replicate_grads(est, problem, theta, n, jax.random.key(21))
     mean, se = su.replicate_stats(g)
     unbiased = ENTRIES[name].unbiased if name in ENTRIES else name != "score_function+batch_mean"
     if unbiased:
         truth, se_truth = P.flat(problem.exact_grad), 0.0
     else:
-        n_in = usable_budget(64, inner.draws_per_unit, inner.min_units)
+        n_in = usable_budget(64, _b(inner, problem).draws_per_unit, _b(inner, problem).min_units)
         truth, se_truth = su.replicate_stats(
             _replicate_grads(inner, problem, theta, n_in, jax.random.key(22)))
     se_all = np.sqrt(se**2 + se_truth**2)
@@ -581,9 +589,10 @@ for e in R.ESTIMATORS:
     pname = HOMES[e.name]
     p = P.get_problem(pname)
     est = e.factory(p)
-    n = usable_budget(8 * est.draws_per_unit, est.draws_per_unit, max(est.min_units, 8))
+    b = sg.bind(est, p.family, p.theta)
+    n = usable_budget(8 * b.draws_per_unit, b.draws_per_unit, max(b.min_units, 8))
     th = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), p.theta)
-    state = est.init(th) if est.stateful else None
+    state = est.init(th) if stateful(est) else None
     def run(dev):
         return sg.estimate_grad(p.f, p.family, th, jax.random.key(9), num_samples=n,
                                 estimator=est, state=state, devices=dev)
@@ -613,7 +622,7 @@ def test_one_vs_four_host_devices():
         row, problem = four[e.name], P.get_problem(homes[e.name])
         est = e.factory(problem)
         theta = _theta(problem, jnp.float32)
-        state = est.init(theta) if est.stateful else None
+        state = est.init(theta) if stateful(est) else None
         one = P.flat(jax.jit(lambda th, est=est, p=problem, s=state: sg.estimate_grad(
             p.f, p.family, th, jax.random.key(9), num_samples=row["n"], estimator=est,
             state=s).grad)(theta))

@@ -26,17 +26,23 @@ def _tuples(k, d):
     return jnp.asarray(rows.reshape(-1, k, d))
 
 
+def _unit(est, model, params, xs):
+    """One unit of ``est`` on the given group ``xs`` (K draws stacked), through its plan."""
+    plan = sg.bind(est, BERN, params.theta).plan
+    return plan.unit(model, params, sg.Draws(model, params, x=xs), ())
+
+
 def _enumerated(est, f_theta, theta, k, order):
     """(E[value], E[grad or Hessian]) of one unit over all K-tuples of D Bernoullis."""
     model = _model(f_theta)
     xs = _tuples(k, theta.shape[0])
 
     def term(th, x):
-        return est.unit(model, Params(th, (th,)), None, x, ()).terms[0]
+        return _unit(est, model, Params(th, (th,)), x).terms[0]
 
     deriv = jax.grad(term) if order == 1 else jax.hessian(term)
     probs = jnp.exp(jax.vmap(lambda x: jnp.sum(jax.vmap(lambda xi: BERN.log_prob(theta, xi))(x)))(xs))
-    values = jax.vmap(lambda x: est.unit(model, Params(theta, (theta,)), None, x, ()).fvals)(xs)
+    values = jax.vmap(lambda x: _unit(est, model, Params(theta, (theta,)), x).fvals)(xs)
     return jnp.tensordot(probs, values, 1), jnp.tensordot(probs, jax.vmap(deriv, (None, 0))(theta, xs), 1)
 
 
@@ -103,7 +109,7 @@ def test_public_api_matches_units_on_the_same_draws(x64, make):
 
     draws = _group_draws(theta, jax.random.wrap_key_data(jax.random.key_data(KEY)), groups, k)
     model = _model(f_toy)
-    term = lambda th, x: est.unit(model, Params(th, (th,)), None, x, ()).terms[0]  # noqa: E731
+    term = lambda th, x: _unit(est, model, Params(th, (th,)), x).terms[0]  # noqa: E731
     np.testing.assert_allclose(jax.grad(loss)(theta),
                                jnp.mean(jax.vmap(jax.grad(term), (None, 0))(theta, draws), 0),
                                rtol=1e-9)
@@ -149,6 +155,22 @@ def test_errors():
             make(2.0)
     with pytest.raises(ValueError, match="multiple of 4"):
         sg.estimate_grad(jnp.sum, BERN, jnp.zeros(2), KEY, num_samples=6, estimator=sg.rloo(4))
-    with pytest.raises(TypeError, match="given samples"):
-        sg.estimate_grad_from_samples(jnp.sum, BERN, jnp.zeros(2), jnp.zeros((4, 2)),
+    with pytest.raises(ValueError, match="multiple of 2"):  # given: groups of K samples
+        sg.estimate_grad_from_samples(jnp.sum, BERN, jnp.zeros(2), jnp.zeros((5, 2)),
                                       estimator=sg.vimco(2))
+
+
+def _f_plain(x):
+    return jnp.sum((x - 0.45) ** 2) + 0.7 * x[0] * x[1]
+
+
+def test_given_samples_are_groups_of_k(x64):
+    # K consecutive given samples form a group: the same estimate as drawing those groups.
+    theta = jnp.array([0.3, -0.4])
+    for est, k in [(sg.rloo(4), 4), (sg.vimco(3), 3)]:
+        r = sg.estimate_grad(_f_plain, BERN, theta, KEY, num_samples=6 * k, estimator=est)
+        xs = _group_draws(theta, jax.random.wrap_key_data(jax.random.key_data(KEY)), 6, k)
+        xs = xs.reshape(6 * k, -1)
+        g = sg.estimate_grad_from_samples(_f_plain, BERN, theta, xs, estimator=est)
+        np.testing.assert_allclose(g.grad, r.grad, rtol=1e-10)
+        np.testing.assert_allclose(g.value, r.value, rtol=1e-10)

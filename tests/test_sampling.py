@@ -104,8 +104,9 @@ def test_chunk_size_invariance_and_given_samples_refused(x64):
 
 
 def test_refuses_batch_baselines_and_partial_transform():
-    with pytest.raises(TypeError, match="partner"):
-        sg.sampling.antithetic(sg.score_function(baseline=sg.baselines.leave_one_out()))
+    with pytest.raises(TypeError, match="partner"):  # at bind (trace) time
+        sg.bind(sg.sampling.antithetic(sg.score_function(baseline=sg.baselines.leave_one_out())),
+                sg.families.normal(), {"loc": jnp.zeros(2), "scale": jnp.ones(2)})
     with pytest.raises(TypeError, match="dim"):
         sg.sampling.qmc(transform=lambda th, u: u)
     with pytest.raises(ValueError, match="num_strata"):

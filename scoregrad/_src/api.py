@@ -226,7 +226,7 @@ def estimate_grad_from_samples(
     return _estimate(prob, state, where, samples)
 
 
-def _higher_order_message(est: Estimator) -> str:
+def _higher_order_message(est) -> str:
     return (
         f"jax.hessian (or any second derivative) of sg.expectation with {est.name} is not "
         f"estimated: {est.name}'s surrogate is right at first order only (its second derivative "

@@ -6,6 +6,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scoregrad._src.family import Family
 
@@ -81,75 +82,207 @@ class UnitOut(NamedTuple):
     fvals: jax.Array
 
 
-class Estimator(NamedTuple):
-    """A gradient estimator: a configuration of pure functions, built by a factory.
+class Target(NamedTuple):
+    """What :attr:`Estimator.bind` sees: the family, theta, and the form of one draw.
 
-    An estimator describes only what differs between estimators; the engine
-    (:mod:`scoregrad._src.engine`) owns sampling, chunking, statistics and derivatives.
+    ``x_struct`` is the ``jax.ShapeDtypeStruct`` pytree of one draw (``None`` when the sampler
+    cannot be traced here); ``legacy_key``: the user passes raw uint32 keys.
+    """
+
+    family: Family
+    theta: PyTree
+    x_struct: PyTree = None
+    legacy_key: bool = False
+
+
+class Plan(NamedTuple):
+    """An estimator bound to one problem (a family, theta's shapes): what the engine runs.
+
+    Only ``unit`` is required. What can be derived is not declared: the number of terms K
+    (from the unit's output shape), whether the estimator is stateful (its ``init``), whether it
+    needs a key (it asks :class:`Draws` for fresh randomness) and whether the engine may draw
+    the family samples ahead of the unit (it asks for nothing but :meth:`Draws.sample`).
+
+    Attributes:
+      unit: ``unit(model, params, draws, state) -> UnitOut`` for one unit. ``draws`` (a
+        :class:`Draws`) is the unit's only source of randomness.
+      weights: ``weights(fstats, state, num_units) -> (K,)`` stop-gradient weights of the
+        terms from statistics of the whole batch (leave-one-out, batch mean); ``None``: ones.
+      draws_per_unit: evaluations of f one unit costs (``num_samples`` counts evaluations).
+      min_units: the smallest number of units the estimator is defined for.
+      fitted: indices of terms whose weights are fitted per parameter coordinate by
+        cross-fitting over ``num_folds`` contiguous folds of units (:mod:`scoregrad._src.fitted`);
+        their ``weights`` entries are ignored.
+      num_folds: folds for ``fitted``.
+      f_input: ``f_input(x_struct, theta) -> struct`` of what the unit passes to f when it is
+        not the family's draw (a relaxed sample); ``None``: the draw.
+      learn: ``learn(model, params, key, state, num_units, chunk_units) -> state``, a step run
+        after an estimate on the same units (RELAX's control variate); ``None``: none.
+      max_order: the highest derivative order of :func:`scoregrad.expectation` the surrogate
+        gets right (``None``: every order). With 1, a second derivative raises ``ValueError``.
+      shift_invariant: the estimate is exactly unchanged by a constant added to f; the engine
+        then centres f on a reference value (float32 sums do not cancel).
+      shift_term: for a shift-invariant estimator whose term 0 alone is not, the term whose
+        per-unit gradient times the reference restores term 0 on f (the baseline's constant
+        feature), for the ``variance_reduction`` diagnostic.
+      not_unbiased: why the unit applied to another integrand h does not estimate the gradient
+        of E[h] (biased relaxations, VIMCO's log-mean-exp, Rao-Blackwell's f_terms), or
+        ``None``. Control variates are refused for such plans.
+    """
+
+    unit: Callable[..., UnitOut]
+    weights: Optional[Callable[[FStats, State, Any], jax.Array]] = None
+    draws_per_unit: int = 1
+    min_units: int = 1
+    fitted: tuple = ()
+    num_folds: int = 2
+    f_input: Optional[Callable[[PyTree, PyTree], PyTree]] = None
+    learn: Optional[Callable[..., State]] = None
+    max_order: Optional[int] = None
+    shift_invariant: bool = False
+    shift_term: Optional[int] = None
+    not_unbiased: Optional[str] = None
+
+
+class Estimator(NamedTuple):
+    """A gradient estimator: four pure functions, built by a factory (optax's pattern).
 
     Attributes:
       name: a label for reports.
-      init: ``init(theta) -> state``; ``()`` for stateless estimators.
-      unit: ``unit(model, params, key, x, state) -> UnitOut`` for one unit. Exactly one of
-        ``key`` (a typed key for this unit) and ``x`` (a given draw) is not ``None``.
-      weights: ``weights(fstats, state, num_units) -> (K,)`` stop-gradient weights of the terms.
+      init: ``init(theta) -> state``; ``()`` for stateless estimators (statefulness is derived
+        from it).
+      bind: ``bind(target) -> Plan`` at trace time (a :class:`Target`): the checks of what the
+        estimator needs from the family (each error names it), and everything that depends on
+        the family or theta's shapes (draws per unit). Wrappers (control variates, sampling
+        designs) are ``Plan -> Plan`` functions applied inside ``bind``, so binding never drops
+        them.
       update: ``update(state, fstats) -> state`` after an estimate (stateful estimators).
-      num_terms: K.
-      draws_per_unit: how many evaluations of f one unit costs.
-      min_units: the smallest number of units the estimator is defined for.
-      needs_key: True if the estimator must draw (pathwise): given samples are refused.
-      stateful: True if ``state`` must be threaded through calls.
-      check: ``check(model, theta, x_struct) -> None``, trace-time capability checks.
-      learn: optional ``learn(model, params, key, state, num_units, chunk_units) -> state``, a
-        learning step run after an estimate on the same units (``fold_in(key, i)``), e.g. RELAX's
-        control-variate update minimizing the estimate's variance. The estimate itself used the
-        old state, so learning from the current draws keeps it unbiased. ``None``: no step.
-      f_input: optional ``f_input(x_struct, theta) -> struct``: the shape/dtype structure of what
-        the estimator passes to f when it is not the family's draw (e.g. a relaxed categorical
-        sample on the simplex, shape ``(..., K)``). ``None``: f receives the family's draws.
-      fitted: indices of terms whose weights are fitted per parameter coordinate to minimise
-        the variance, each from the *other* folds' draws (cross-fitting keeps it unbiased); see
-        :mod:`scoregrad._src.fitted`. Their ``weights`` entries are ignored. ``()``: none.
-      num_folds: folds for ``fitted`` (contiguous ranges of units).
-      specialize: optional ``specialize(family, theta) -> Estimator``, called by the API first
-        (after theta's checks, before ``num_samples`` is validated) for estimators whose static
-        fields depend on the family or on theta's shapes, e.g. ``draws_per_unit`` of
-        measure-valued (1 + 2 points per coordinate) or enumeration (the support size). It
-        raises ``TypeError``/``ValueError`` for families it cannot handle. ``None``: as built.
-      max_order: the highest derivative order of :func:`scoregrad.expectation` that the
-        surrogate gets right; ``None``: every order (DiCE, pathwise, enumeration). With 1,
-        ``jax.hessian`` of the expectation raises ``ValueError`` instead of returning the zeros
-        of a first-order surrogate.
-      shift_invariant: True if the estimate is exactly unchanged by a constant added to f (a
-        baseline that moves with f: leave-one-out, batch mean, optimal; RLOO, VIMCO, ARM,
-        enumeration, measure-valued, pathwise). The engine then centres f on a reference value
-        so that float32 sums do not cancel.
-      shift_term: for a shift-invariant estimator whose term 0 alone is not (the score term of a
-        score function with a baseline), the index of the term whose per-unit gradient, times
-        the reference value, restores term 0 on f itself (the baseline's constant feature);
-        the ``variance_reduction`` diagnostic uses it. ``None``: term 0 needs no correction.
+
+    The engine (:mod:`scoregrad._src.engine`) owns sampling, chunking, statistics, the
+    non-finite policy, devices and derivatives.
     """
 
     name: str
     init: Callable[[PyTree], State]
-    unit: Callable[..., UnitOut]
-    weights: Callable[[FStats, State, int], jax.Array]
+    bind: Callable[[Target], Plan]
     update: Callable[[State, FStats], State]
-    num_terms: int = 1
-    draws_per_unit: int = 1
-    min_units: int = 1
-    needs_key: bool = False
-    stateful: bool = False
-    check: Optional[Callable[..., None]] = None
-    presample: bool = False
-    learn: Optional[Callable[..., State]] = None
-    f_input: Optional[Callable[[PyTree, PyTree], PyTree]] = None
-    fitted: tuple = ()
-    num_folds: int = 2
-    specialize: Optional[Callable[..., "Estimator"]] = None
-    max_order: Optional[int] = None
-    shift_invariant: bool = False
-    shift_term: Optional[int] = None
+
+
+class NeedsKey(TypeError):
+    """Raised by :class:`Draws` when a unit asks for fresh randomness but has a given draw."""
+
+
+class DesignRefusal(TypeError):
+    """Raised by :class:`Draws` under a sampling design for randomness it cannot couple."""
+
+
+# Streams after the first are fold_in(key, _STREAM + j): apart from fold_in(key, k) for the
+# draws of a group (k < 2^31), which the first stream may use.
+_STREAM = 2**31
+
+
+class Draws:
+    """All the randomness one unit sees.
+
+    A unit draws the family's sample (:meth:`sample`, :meth:`rsample`), groups of samples
+    (``sample(num=k)``) and auxiliary noise (:meth:`uniform`, :meth:`logistic`,
+    :meth:`gumbel`, :meth:`normal`) only through this object. Each request takes the unit's
+    next stream: the first uses the unit key itself, later ones ``fold_in(key, 2^31 + j)``.
+    With a given draw (``estimate_grad_from_samples``, or draws the engine made ahead),
+    :meth:`sample` returns it and a request for fresh randomness raises :class:`NeedsKey`.
+    A sampling design (:mod:`scoregrad._src.sampling`) hands each coupled copy a ``Draws``
+    whose uniforms are the design's, so antithetic, stratified and QMC designs reach every
+    estimator that draws its noise here; :meth:`key` (a raw key for the estimator's own
+    samplers) is refused under a design.
+    """
+
+    def __init__(self, model, params, key=None, x=None, design=None):
+        self._model, self._params, self._key, self._x = model, params, key, x
+        self._design = design  # (noise(key, size, dtype) -> (copies, size), copy index, transform)
+        self._next = 0
+        self.requests: list = []  # what the unit asked for, in order (read at bind time)
+
+    def replay(self) -> "Draws":
+        """The same draws and noise again, from the first stream (control variates)."""
+        return Draws(self._model, self._params, self._key, self._x, self._design)
+
+    def coupled(self, noise, copy, transform) -> "Draws":
+        """Copy ``copy`` of a sampling design (see :mod:`scoregrad._src.sampling`)."""
+        return Draws(self._model, self._params, self._key, None, (noise, copy, transform))
+
+    @property
+    def given(self) -> bool:
+        return self._x is not None
+
+    def _stream(self, what: str) -> jax.Array:
+        self.requests.append(what)
+        if self._key is None:
+            raise NeedsKey(f"{what} needs fresh randomness, but the unit has given draws")
+        j, self._next = self._next, self._next + 1
+        return self._key if j == 0 else jax.random.fold_in(self._key, _STREAM + j)
+
+    def _design_uniform(self, shape, dtype) -> jax.Array:
+        noise, copy, _ = self._design
+        size = int(np.prod(shape, dtype=int))
+        return noise(self._stream("a sampling design"), size, dtype)[copy].reshape(shape)
+
+    def _designed_draw(self, theta):
+        transform = self._design[2]
+        shape, dtype = transform.noise_shape, transform.dtype
+        return transform(theta, self._design_uniform(shape, dtype))
+
+    def sample(self, num: Optional[int] = None) -> PyTree:
+        """The unit's draw (stop-gradient); with ``num``, ``num`` draws stacked on axis 0."""
+        if self._x is not None:
+            self.requests.append("sample()" if num is None else f"sample(num={num})")
+            return self._x
+        if self._design is not None:
+            if num is not None:
+                raise DesignRefusal("draws groups of samples, which a design cannot couple")
+            return jax.lax.stop_gradient(self._designed_draw(self._params.theta))
+        key = self._stream("sample()" if num is None else f"sample(num={num})")
+        if num is None:
+            return jax.lax.stop_gradient(self._model.draw(self._params, key))
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num, dtype=jnp.uint32))
+        return jax.lax.stop_gradient(jax.vmap(lambda k: self._model.draw(self._params, k))(keys))
+
+    def rsample(self) -> PyTree:
+        """The unit's draw, differentiable in theta through the sampler (pathwise)."""
+        if self._x is not None:
+            raise NeedsKey("rsample() differentiates through the sampler")
+        if self._design is not None:
+            return self._designed_draw(self._params.theta)
+        return self._model.draw(self._params, self._stream("rsample()"))
+
+    def uniform(self, shape, dtype) -> jax.Array:
+        """Uniform noise on [0, 1) (a design's: on the open interval)."""
+        if self._design is not None:
+            return self._design_uniform(tuple(shape), dtype)
+        return jax.random.uniform(self._stream("uniform()"), shape, dtype)
+
+    def logistic(self, shape, dtype) -> jax.Array:
+        if self._design is not None:
+            u = self._design_uniform(tuple(shape), dtype)
+            return jnp.log(u) - jnp.log1p(-u)
+        return jax.random.logistic(self._stream("logistic()"), shape, dtype)
+
+    def gumbel(self, shape, dtype) -> jax.Array:
+        if self._design is not None:
+            return -jnp.log(-jnp.log(self._design_uniform(tuple(shape), dtype)))
+        return jax.random.gumbel(self._stream("gumbel()"), shape, dtype)
+
+    def normal(self, shape, dtype) -> jax.Array:
+        if self._design is not None:
+            return jax.scipy.special.ndtri(self._design_uniform(tuple(shape), dtype))
+        return jax.random.normal(self._stream("normal()"), shape, dtype)
+
+    def key(self) -> jax.Array:
+        """A raw key for the estimator's own samplers (weak-derivative points); a sampling
+        design cannot reach such draws and refuses."""
+        if self._design is not None:
+            raise DesignRefusal("draws its own samples with a raw key, which a sampling "
+                                "design cannot couple")
+        return self._stream("key()")
 
 
 class Baseline(NamedTuple):
@@ -224,19 +357,17 @@ def no_update(state: State, fstats: FStats) -> State:
     return state
 
 
-def _unit_weight(fstats: FStats, state, num_units) -> jax.Array:
-    del state, num_units
-    return jnp.ones((1,), fstats.mean.dtype)
+def estimator(name: str, bind: Callable[[Target], Plan], *, init=None, update=None) -> Estimator:
+    """An :class:`Estimator` (stateless unless ``init``/``update`` are given)."""
+    return Estimator(name, init if init is not None else (lambda theta: ()), bind,
+                     update if update is not None else no_update)
 
 
-def single_term(name: str, unit: Callable[..., UnitOut], **fields) -> Estimator:
-    """A stateless one-term estimator that draws its own samples (the common case).
+def fixed(name: str, plan: Plan, check: Optional[Callable[..., None]] = None, **kw) -> Estimator:
+    """An estimator whose plan does not depend on the problem (``check(target)`` runs first)."""
+    def bind(target: Target) -> Plan:
+        if check is not None:
+            check(target)
+        return plan
 
-    ``fields`` override any other :class:`Estimator` field (``draws_per_unit``, ``check``, ...).
-    """
-    base: dict[str, Any] = dict(
-        init=lambda theta: (), weights=_unit_weight, update=no_update, num_terms=1,
-        min_units=1, needs_key=True, stateful=False,
-    )
-    base.update(fields)
-    return Estimator(name=name, unit=unit, **base)
+    return estimator(name, bind, **kw)

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from scoregrad._src.base import Estimator, FStats, UnitOut, magic_box, no_update
-from scoregrad._src.estimators import traits
+from scoregrad._src import binding
+from scoregrad._src.base import Estimator, FStats, Plan, UnitOut, fixed, magic_box
 from scoregrad._src.estimators.score import score_function
 from scoregrad._src.family import require
 
@@ -179,7 +179,7 @@ def _on_integrand(model, params, h):
     return model._replace(**fields), params._replace(f=(params.theta,))
 
 
-def _cv_term(inner: Estimator, cv: ControlVariate, model, params, key, x, state):
+def _cv_term(inner: Estimator, plan, cv: ControlVariate, model, params, draws, state):
     """``inner`` applied to h on the same draws (same ``key`` / ``x``), minus h's known mean.
 
     Term 0 of an estimator is, by the contract of ``GradEstimate.variance_reduction``, the
@@ -198,7 +198,8 @@ def _cv_term(inner: Estimator, cv: ControlVariate, model, params, key, x, state)
         return out
 
     model_h, params_h = _on_integrand(model, params, checked_h)
-    term = inner.unit(model_h, params_h, key, x, state).terms[0]
+    # the inner unit on h, on the same draws and noise (replayed from the unit's first stream)
+    term = plan.unit(model_h, params_h, draws.replay(), state).terms[0]
     mean = jnp.asarray(cv.mean(params.theta))
     if mean.shape != ():
         raise ValueError(
@@ -257,15 +258,6 @@ def with_control_variates(
     inner = score_function() if estimator is None else estimator
     if not isinstance(inner, Estimator):
         raise TypeError(f"with_control_variates(estimator=...) must be an Estimator; got {inner!r}.")
-    why = traits.not_unbiased(inner)
-    if why is not None:
-        raise TypeError(
-            f"with_control_variates(estimator={inner.name}): {why}. A control variate is the "
-            "estimator applied to h minus the gradient of h's known mean, which has mean zero "
-            "only for an estimator unbiased for every integrand; here it would add bias. Wrap an "
-            "unbiased estimator (sg.score_function, sg.pathwise, sg.measure_valued, sg.rebar, "
-            "sg.relax, sg.arm, sg.disarm, sg.rloo, sg.indecater) instead."
-        )
     if not cvs or not all(isinstance(c, ControlVariate) for c in cvs):
         raise TypeError(
             "with_control_variates needs one or more ControlVariate values, e.g. "
@@ -276,35 +268,43 @@ def with_control_variates(
         raise TypeError(f"coefficient must be 'optimal' or a float; got {coefficient!r}.")
     if not isinstance(num_folds, int) or num_folds < 2:
         raise ValueError(f"num_folds must be an int >= 2; got {num_folds!r}.")
-    k_in, m = inner.num_terms, len(cvs)
+    m = len(cvs)
 
-    def unit(model, params, key, x, state):
-        out = inner.unit(model, params, key, x, state)
-        extra = jnp.stack([_cv_term(inner, c, model, params, key, x, state) for c in cvs])
-        return UnitOut(jnp.concatenate([out.terms, extra.astype(out.terms.dtype)]), out.fvals)
+    def bind(target):
+        plan = inner.bind(target)
+        if plan.not_unbiased is not None:
+            raise TypeError(
+                f"with_control_variates(estimator={inner.name}): {plan.not_unbiased}. A control "
+                "variate is the estimator applied to h minus the gradient of h's known mean, "
+                "which has mean zero only for an estimator unbiased for every integrand; here it "
+                "would add bias. Wrap an unbiased estimator (sg.score_function, sg.pathwise, "
+                "sg.measure_valued, sg.rebar, sg.relax, sg.arm, sg.disarm, sg.rloo, "
+                "sg.indecater) instead."
+            )
+        k_in = binding.num_terms(plan, target, inner.init)
+        resolved = [_resolved(c, target.family) for c in cvs]
 
-    def weights(fstats: FStats, state, n):
-        w = inner.weights(fstats, state, n).astype(fstats.mean.dtype)
-        fill = 0.0 if optimal else -float(coefficient)
-        return jnp.concatenate([w, jnp.full((m,), fill, fstats.mean.dtype)])
+        def unit(model, params, draws, state):
+            out = plan.unit(model, params, draws, state)
+            extra = jnp.stack([_cv_term(inner, plan, c, model, params, draws, state)
+                               for c in resolved])
+            return UnitOut(jnp.concatenate([out.terms, extra.astype(out.terms.dtype)]), out.fvals)
 
-    def specialize(family, theta):  # bind the inner estimator, then re-apply the wrapper
-        assert inner.specialize is not None
-        return with_control_variates(
-            inner.specialize(family, theta), *cvs, coefficient=coefficient, num_folds=num_folds
+        def weights(fstats: FStats, state, n):
+            dt = fstats.mean.dtype
+            w = (jnp.ones((k_in,), dt) if plan.weights is None
+                 else plan.weights(fstats, state, n).astype(dt))
+            return jnp.concatenate([w, jnp.full((m,), 0.0 if optimal else -float(coefficient), dt)])
+
+        fitted = tuple(plan.fitted) + (tuple(range(k_in, k_in + m)) if optimal else ())
+        return plan._replace(
+            unit=unit, weights=weights, fitted=fitted,
+            min_units=max(plan.min_units, 2 * num_folds if fitted else 1),
+            num_folds=num_folds if fitted else plan.num_folds,
         )
 
-    fitted = tuple(inner.fitted) + (tuple(range(k_in, k_in + m)) if optimal else ())
-    return inner._replace(
-        name=f"{inner.name}+cv[{','.join(c.name for c in cvs)}]",
-        unit=unit,
-        weights=weights,
-        num_terms=k_in + m,
-        min_units=max(inner.min_units, 2 * num_folds if fitted else 1),
-        fitted=fitted,
-        num_folds=num_folds if fitted else inner.num_folds,
-        specialize=None if inner.specialize is None else specialize,
-    )
+    return Estimator(f"{inner.name}+cv[{','.join(c.name for c in cvs)}]", inner.init, bind,
+                     inner.update)
 
 
 def _log_prob_terms(family):
@@ -362,19 +362,18 @@ def rao_blackwell(
     def lp_terms(model):
         return log_prob_terms if log_prob_terms is not None else _log_prob_terms(model.family)
 
-    def check(model, theta, x_struct):
-        lp = jax.eval_shape(lp_terms(model), theta, x_struct)
-        ft = jax.eval_shape(f_terms, x_struct)
+    def check(target):
+        lp = jax.eval_shape(lp_terms(target), target.theta, target.x_struct)
+        ft = jax.eval_shape(f_terms, target.x_struct)
         if lp.shape != ft.shape:
             raise ValueError(
                 f"rao_blackwell: f_terms(x) has shape {ft.shape} but the per-coordinate "
                 f"log-densities have shape {lp.shape}; f_terms must return one part per coordinate."
             )
 
-    def unit(model, params, key, x, state):
+    def unit(model, params, draws, state):
         del state
-        if x is None:
-            x = jax.lax.stop_gradient(model.draw(params, key))
+        x = draws.sample()
         boxes = magic_box(lp_terms(model)(params.theta, x))
         f = model.eval_f(params, x)
         ft = jax.lax.stop_gradient(f_terms(x)).astype(boxes.dtype)
@@ -382,22 +381,17 @@ def rao_blackwell(
         terms = [t0, jnp.sum(1.0 - boxes)] if baseline else [t0]
         return UnitOut(jnp.stack(terms), jax.lax.stop_gradient(f)[None])
 
-    traits.mark_not_unbiased(
-        unit, "rao_blackwell's gradient terms come from f_terms, not from the integrand, so "
-        "applied to h it does not estimate grad E[h] (add control variates to "
-        "sg.score_function() instead, or fold them into f_terms)"
-    )
     k = 2 if baseline else 1
-    return Estimator(
-        name="rao_blackwell" + ("[optimal]" if baseline else ""),
-        init=lambda theta: (),
-        unit=unit,
+    plan = Plan(
+        unit,
         weights=lambda fstats, state, n: jnp.concatenate(
             [jnp.ones((1,), fstats.mean.dtype), jnp.zeros((k - 1,), fstats.mean.dtype)]
         ),
-        update=no_update,
-        num_terms=k,
         min_units=4 if baseline else 1,
-        check=check,
         fitted=(1,) if baseline else (),
+        not_unbiased=(
+            "rao_blackwell's gradient terms come from f_terms, not from the integrand, so "
+            "applied to h it does not estimate grad E[h] (add control variates to "
+            "sg.score_function() instead, or fold them into f_terms)"),
     )
+    return fixed("rao_blackwell" + ("[optimal]" if baseline else ""), plan, check=check)

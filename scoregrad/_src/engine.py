@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src.base import Estimator, FStats, Model, Params
+from scoregrad._src.base import Draws, FStats, Model, Params
 
 PyTree = Any
 
@@ -46,7 +46,7 @@ def _size(tree: PyTree) -> int:
                for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def elements_per_unit(x_struct: PyTree, theta: PyTree, est: Estimator) -> tuple:
+def elements_per_unit(x_struct: PyTree, theta: PyTree, est) -> tuple:
     """``(draw elements, per-unit gradient elements)`` of one unit."""
     return est.draws_per_unit * max(_size(x_struct), 1), est.num_terms * max(_size(theta), 1)
 
@@ -213,7 +213,7 @@ class Chunk:
 
 
 def make_chunk(
-    model: Model, est: Estimator, params: Params, state, mode: str, dtype, drop: bool = False,
+    model: Model, est, params: Params, state, mode: str, dtype, drop: bool = False,
     folds: Optional[tuple] = None, wrt: str = "theta",
 ) -> Chunk:
     """The :class:`Chunk` of ``est`` in ``mode``.
@@ -230,9 +230,8 @@ def make_chunk(
     if not est.presample:
         return Chunk(inner)
 
-    def draw(keys):
-        xs = jax.vmap(model.draw, in_axes=(None, 0))(params, keys)
-        return jax.lax.stop_gradient(xs)
+    def draw(keys):  # what the unit's Draws.sample() would draw from each unit key
+        return jax.vmap(lambda k: Draws(model, params, key=k).sample())(keys)
 
     return Chunk(inner, draw)
 
@@ -291,10 +290,10 @@ def moments_of(rows: PyTree, dtype, ok: Optional[jax.Array] = None) -> Moments:
     return _masked_moments(rows, keep, dtype)
 
 
-def _make_chunk(model: Model, est: Estimator, params: Params, state, mode: str, dtype, drop,
+def _make_chunk(model: Model, est, params: Params, state, mode: str, dtype, drop,
                 folds=None, wrt="theta"):
     def unit(p: Params, key, x):
-        return est.unit(model, p, key, x, state)
+        return est.unit(model, p, Draws(model, p, key=key, x=x), state)
 
     def per_unit_grads(p: Params, key, x):
         """Per-unit rows of the Jacobian of the terms w.r.t. ``p``, and the unit's output."""
@@ -513,7 +512,7 @@ def resolve_devices(devices) -> Optional[tuple]:
 
 def run(
     model: Model,
-    est: Estimator,
+    est,
     params: Params,
     state,
     *,
@@ -537,6 +536,9 @@ def run(
     """
     chunk = make_chunk(model, est, params, state, mode, dtype, drop=nan_policy == "drop",
                        folds=folds, wrt=wrt)
+    k = est.samples_per_unit
+    if samples is not None and k > 1:  # a group's given draws: k consecutive samples
+        samples = jax.tree_util.tree_map(lambda a: a.reshape((-1, k) + a.shape[1:]), samples)
     fstats, extra = run_chunks(
         chunk, functools.partial(merge, mode, folds=folds), num_units=num_units,
         chunk_units=chunk_units, key=key, samples=samples, devices=devices,

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import engine
-from scoregrad._src.base import Estimator
+from scoregrad._src.binding import Bound as Estimator
 
 PyTree = Any
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import engine, policy, problem, validation
-from scoregrad._src.base import Estimator, UnitOut, no_update
+from scoregrad._src.base import Estimator, Plan, UnitOut, fixed
 from scoregrad._src.family import Family
 
 PyTree = Any
@@ -141,31 +141,26 @@ def importance_weighted(proposal: Family, proposal_theta: PyTree) -> Estimator:
     _check_proposal(proposal, "importance_weighted")
     _check_proposal_theta(proposal_theta, "importance_weighted")
 
-    def check(model, theta, x_struct):
+    def check(target):
         who = "importance_weighted"
-        key = jax.random.PRNGKey(0) if model.legacy_key else jax.random.key(0)
-        _check_draws_match(_proposal_draw(proposal, proposal_theta, key, who), x_struct, who)
-        _check_proposal_log_prob(proposal, proposal_theta, x_struct)
+        key = jax.random.PRNGKey(0) if target.legacy_key else jax.random.key(0)
+        _check_draws_match(_proposal_draw(proposal, proposal_theta, key, who), target.x_struct, who)
+        _check_proposal_log_prob(proposal, proposal_theta, target.x_struct)
 
-    def unit(model, params, key, x, state):
+    def unit(model, params, draws, state):
         del state
-        if x is None:
-            uk = jax.random.key_data(key) if model.legacy_key else key
-            x = proposal.sample(proposal_theta, uk)
+        if draws.given:  # given samples are draws from the proposal
+            x = draws.sample()
+        else:
+            key = draws.key()
+            x = proposal.sample(proposal_theta, jax.random.key_data(key) if model.legacy_key else key)
         x = jax.lax.stop_gradient(x)
         logq = jax.lax.stop_gradient(proposal.log_prob(proposal_theta, x))
         w = jnp.exp(model.eval_log_prob(params, x) - logq)
         wf = w * model.eval_f(params, x)
         return UnitOut(wf[None], jax.lax.stop_gradient(wf)[None])
 
-    return Estimator(
-        name="importance_weighted",
-        init=lambda theta: (),
-        unit=unit,
-        weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
-        update=no_update,
-        check=check,
-    )
+    return fixed("importance_weighted", Plan(unit), check=check)
 
 
 class ImportanceEstimate(NamedTuple):

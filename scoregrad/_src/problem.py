@@ -7,8 +7,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import dependence, engine, validation
-from scoregrad._src.base import Estimator, FStats, Model, Params
+from scoregrad._src import binding, dependence, engine, validation
+from scoregrad._src.base import Estimator, FStats, Model, Params, Target
+from scoregrad._src.binding import Bound
 from scoregrad._src.estimators.score import score_function
 from scoregrad._src.family import Family
 from scoregrad._src.policy import RunPolicy
@@ -21,7 +22,7 @@ class Problem(NamedTuple):
     parameters, the key, the unit count and chunk, the statistics dtype and the run policy."""
 
     model: Model
-    est: Estimator
+    est: Bound
     params: Params
     key: Optional[jax.Array]
     num_units: int
@@ -80,30 +81,18 @@ def prepare(
 ) -> Problem:
     """Everything a run needs, checked at trace time (each error names the argument and fix).
 
-    The estimator is bound to the family and theta's shapes first (``specialize``, which every
-    wrapper re-applies around its inner estimator), then ``num_samples`` is checked against
-    what it needs (draws per unit, minimum units); the user's functions are traced and
-    closure-converted, and provably wrong models are refused (:mod:`dependence`).
+    The estimator is bound to the family and the form of theta and of a draw first
+    (``Estimator.bind``: its checks, wrappers applied inside), then ``num_samples`` is checked
+    against what the plan needs (draws per unit, minimum units); the user's functions are
+    traced and closure-converted, provably wrong models are refused (:mod:`dependence`), and
+    what the contract derives (K, needs a key, presample, stateful) is derived
+    (:func:`binding.resolve`).
     """
     est = _check_common(f, family, estimator, where)
     validation.check_theta(theta)
     if family.check_theta is not None:
         family.check_theta(theta)
-    if est.specialize is not None:
-        est = est.specialize(family, theta)
-    n = validation.check_num_samples(
-        num_samples,
-        minimum=est.min_units * est.draws_per_unit,
-        multiple_of=est.draws_per_unit,
-        who=est.name,
-        name=num_samples_name if samples is None else "samples",
-    )
-    chunk = policy.chunk_size
     theta_treedef = jax.tree_util.tree_structure(theta)
-    lp_fix = (
-        f"Check that family.log_prob(theta, x) accepts theta of structure {theta_treedef} "
-        "and the draws that family.sample returns."
-    )
     if samples is None:
         # rbg/unsafe_rbg keys become threefry keys here (engine.counter_key): draws then depend
         # on (key, i) only, whatever the chunking or device count.
@@ -122,28 +111,33 @@ def prepare(
         sample_c, sample_consts = jax.closure_convert(family.sample, theta, user_key)
     else:
         typed_key, legacy, user_key = None, False, None
-        if est.needs_key:
-            raise TypeError(
-                f"{est.name} draws its own samples (it differentiates through the sampler, or "
-                "couples several draws per unit) and cannot use given samples; call "
-                "sg.estimate_grad with a key."
-            )
         draw = draw_struct(family, theta)
         if draw is not None:
             validation.check_samples(samples, draw)
         x_struct = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), samples)
         sample_c, sample_consts = family.sample, []
+    # The estimator bound to the family and theta's shapes (its checks, wrappers applied).
+    plan = binding.bind(est, Target(family, theta, x_struct, legacy))
+    if samples is None:
+        n = validation.check_num_samples(
+            num_samples, minimum=plan.min_units * plan.draws_per_unit,
+            multiple_of=plan.draws_per_unit, who=est.name, name=num_samples_name,
+        )
+    lp_fix = (
+        f"Check that family.log_prob(theta, x) accepts theta of structure {theta_treedef} "
+        "and the draws that family.sample returns."
+    )
     lp_struct = traced_struct(family.log_prob, (theta, x_struct), "family.log_prob(theta, x)", lp_fix)
     validation.check_scalar_float(
         lp_struct, "family.log_prob(theta, x)",
         "It must return the log-density of ONE draw; sum over independent coordinates, e.g. "
         "`jnp.sum(logpdf(x, ...))`.",
     )
-    fx_struct = x_struct if est.f_input is None else est.f_input(x_struct, theta)
+    fx_struct = x_struct if plan.f_input is None else plan.f_input(x_struct, theta)
     f_struct = traced_struct(
         f, (fx_struct,), "f(x)",
         "f must accept one draw x as the family samples it"
-        + ("." if est.f_input is None else f" (as {est.name} passes it: {fx_struct})."),
+        + ("." if plan.f_input is None else f" (as {est.name} passes it: {fx_struct})."),
     )
     validation.check_scalar_float(
         f_struct, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`."
@@ -153,10 +147,23 @@ def prepare(
     model = Model(f_c, lp_c, sample_c, family, legacy)
     dependence.check_model(family, theta, user_key, x_struct, f, est.name,
                            draws_key=samples is None)
-    if est.check is not None:
-        est.check(model, theta, x_struct)
     params = Params(theta, tuple(f_consts), tuple(lp_consts), tuple(sample_consts))
-    num_units = n // est.draws_per_unit
+    bound = binding.resolve(est, plan, model, params, x_struct, typed_key)
+    if samples is not None and bound.needs_key:
+        raise TypeError(
+            f"{est.name} draws its own samples (it differentiates through the sampler, draws "
+            "noise of its own, or couples several draws per unit) and cannot use given samples; "
+            "call sg.estimate_grad with a key."
+        )
+    est = bound
+    if samples is None:
+        num_units = n // est.draws_per_unit
+    else:  # given samples: a unit reads one (a group: K consecutive ones)
+        k = est.samples_per_unit
+        n = validation.check_num_samples(num_samples, minimum=plan.min_units * k,
+                                         multiple_of=k, who=est.name, name="samples")
+        num_units = n // k
+    chunk = policy.chunk_size
     if chunk is None:
         chunk = engine.auto_chunk_size(num_units, *engine.elements_per_unit(x_struct, theta, est))
     f_dtype = jax.tree_util.tree_leaves(f_struct)[0].dtype
@@ -213,7 +220,7 @@ def learn(prob: Problem, state):
     return prob.est.learn(prob.model, params, prob.key, state, prob.num_units, prob.chunk)
 
 
-def init_state(est: Estimator, theta, state):
+def init_state(est, theta, state):
     if state is None:
         return est.init(theta)
     validation.check_state(state, est, theta)

@@ -7,10 +7,12 @@ bernoulli and categorical and adapted numpyro/distrax ones; pass your own for ot
 ``fold_in(key, i)``), so the standard errors of :func:`scoregrad.estimate_grad` are honest and
 results do not depend on the chunk size. Every draw is marginally exactly :math:`p(x;\theta)`,
 so any unbiased one-draw estimator stays unbiased when averaged over a unit. The wrapped
-estimator runs once per draw with the transform as its sampler: the score function (plain, a
-moving-average or :func:`scoregrad.baselines.optimal` baseline) and pathwise both compose.
-Baselines built from the other draws of the *same batch* (leave-one-out) would see the coupled
-partner and are refused.
+estimator runs once per copy with a :class:`~scoregrad._src.base.Draws` whose every uniform is
+the design's: the family's draw (through the transform) and the estimator's own noise alike
+(the logistic/Gumbel noise of the relaxations and REBAR/RELAX, ARM's uniforms). Estimators that
+draw with a raw key (measure-valued points, an importance proposal) or in groups (RLOO, VIMCO)
+are refused, and so are baselines built from the other draws of the *same batch*
+(leave-one-out), which would see the coupled partner.
 
 References:
   Owen, "Monte Carlo theory, methods and examples", 2013, ch. 8 (antithetic, stratification) and
@@ -29,10 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
 
-from scoregrad._src.base import Estimator, UnitOut
-from scoregrad._src.estimators import traits
+from scoregrad._src.base import DesignRefusal, Estimator, UnitOut
 from scoregrad._src.estimators.score import score_function
 from scoregrad._src.family import require
 
@@ -111,121 +111,68 @@ def builtin_transform(family) -> Callable:
     )
 
 
-def _noise_shape(family, theta) -> tuple:
-    """The draw's shape: the inverse CDF maps noise of that shape to one draw."""
-    return tuple(jax.eval_shape(family.sample, theta, jax.random.key(0)).shape)
-
-
 def _float_dtype(theta):
     leaves = [x for x in jax.tree_util.tree_leaves(theta) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
 
 
 _DESIGNED = (
-    "Sampling designs apply to estimators whose only randomness is the family's draw: "
-    "sg.score_function (with a baseline from past draws or sg.baselines.optimal()), "
-    "sg.pathwise(), sg.straight_through(), and control variates of those"
+    "Sampling designs reach estimators whose randomness is the family's draw and noise drawn "
+    "through their Draws (score function with a baseline from past draws or "
+    "sg.baselines.optimal(), pathwise, the relaxations, REBAR/RELAX, ARM/DisARM, and control "
+    "variates of those)"
 )
 
 
-def _reads_key(fn, key) -> bool:
-    """Whether ``fn(key)``'s outputs depend on the key's bits (trace-time dataflow on the jaxpr).
+class _Transform:
+    """``transform(theta, u) -> draw`` with the shape and dtype of its uniform noise."""
 
-    Conservative: an equation with a key-dependent input makes all its outputs dependent, also
-    for equations holding nested jaxprs (``jit``, ``custom_jvp``, ``scan``, ...).
-    """
-    impl = jax.random.key_impl(key)
-    closed = jax.make_jaxpr(lambda d: fn(jax.random.wrap_key_data(d, impl=impl)))(
-        jax.random.key_data(key)
-    )
-    jaxpr = closed.jaxpr
-    dep = set(jaxpr.invars)
-    for eqn in jaxpr.eqns:
-        if any(isinstance(v, jcore.Var) and v in dep for v in eqn.invars):
-            dep.update(eqn.outvars)
-    return any(isinstance(v, jcore.Var) and v in dep for v in jaxpr.outvars)
+    def __init__(self, fn, noise_shape, dtype):
+        self.fn, self.noise_shape, self.dtype = fn, tuple(noise_shape), dtype
+
+    def __call__(self, theta, u):
+        return self.fn(theta, u)
 
 
-def _check_only_the_draw(name, inner, model, params, key, state, tr, shape, dtype):
-    """Refuses an estimator that draws noise of its own from the unit key (trace time).
-
-    A design reaches the unit only through the family's sampler (``transform(theta, u)``);
-    noise the estimator draws from its key (logistic/Gumbel noise of the relaxations and REBAR,
-    the weak derivative's extra points, an importance proposal) would be shared by the coupled
-    draws of a unit: it costs ``per_unit`` evaluations and the coupling never reaches it.
-    """
-    u0 = jnp.full(shape, 0.5, dtype)
-    fixed = model._replace(sample=lambda th, k, *consts: tr(th, u0))
-
-    def terms(k):
-        out = inner.unit(fixed, params, k, None, state)
-        return out.terms, out.fvals
-
-    if _reads_key(terms, key):
-        raise TypeError(
-            f"{name}: {inner.name} draws noise of its own from the unit key (not through the "
-            "family's sampler), which the design cannot reach: its coupled draws would share "
-            f"that noise (a larger standard error at equal cost). {_DESIGNED}. For "
-            f"{inner.name}, use it without a sampling design."
-        )
-
-
-def _coupled(inner, name, per_unit, noise, transform, dim):
-    """A unit of ``per_unit`` draws ``transform(theta, u_m)`` with ``u = noise(key, D, dtype)``.
-
-    ``inner`` bound to the family at call time (``specialize``) is bound first and the design
-    re-applied, so binding never drops the design.
-    """
+def _coupled(inner, name, per_unit, noise, transform, dim) -> Estimator:
+    """Units of ``per_unit`` coupled copies of ``inner``'s unit; copy m's uniforms are row m of
+    ``noise(stream key, D, dtype)``. A ``Plan -> Plan`` map applied inside ``bind``: binding
+    the inner estimator can never drop the design."""
     if inner is None:
         inner = score_function()
     if not isinstance(inner, Estimator):
         raise TypeError(f"{name}(estimator=...) must be a scoregrad Estimator; got {inner!r}.")
-    if inner.draws_per_unit != 1:
-        raise TypeError(
-            f"{name}: {inner.name} evaluates f {inner.draws_per_unit} times per unit (coupled "
-            "draws, enumerated or weak-derivative points), which a design of independent-looking "
-            f"draws cannot couple. {_DESIGNED}; use {inner.name} without a sampling design."
-        )
-    if inner.min_units > 1 and not inner.fitted:
-        raise TypeError(
-            f"{name}: {inner.name} uses the other draws of the batch as its baseline, which would "
-            "include each draw's coupled partner (biased). Use sg.baselines.optimal() or "
-            "sg.baselines.moving_average() with sampling designs."
-        )
     if (transform is None) != (dim is None):
         raise TypeError(f"{name}: pass both transform=fn(theta, u) and dim=D, or neither.")
+    full = f"{name}[{inner.name}]"
 
-    def unit(model, params, key, x, state):
-        if key is None:
-            raise TypeError(f"{name} draws its own coupled samples; call sg.estimate_grad with a key.")
-        theta = params.theta
-        tr = transform if transform is not None else builtin_transform(model.family)
-        shape = (dim,) if dim is not None else _noise_shape(model.family, theta)
-        dtype = _float_dtype(theta)
-        _check_only_the_draw(name, inner, model, params, key, state, tr, tuple(shape), dtype)
-        size = int(np.prod(shape, dtype=int))
-        us = noise(key, size, dtype).reshape((per_unit,) + tuple(shape))
+    def bind(target):
+        plan = inner.bind(target)
+        if plan.min_units > 1 and not plan.fitted:
+            raise TypeError(
+                f"{name}: {inner.name} uses the other draws of the batch as its baseline, which "
+                "would include each draw's coupled partner (biased). Use sg.baselines.optimal() "
+                "or sg.baselines.moving_average() with sampling designs."
+            )
+        fn = transform if transform is not None else builtin_transform(target.family)
+        shape = (dim,) if dim is not None else tuple(target.x_struct.shape)
+        tr = _Transform(fn, shape, _float_dtype(target.theta))
 
-        def one(u):
-            m = model._replace(sample=lambda th, k, *consts: tr(th, u))
-            return inner.unit(m, params, key, None, state)
+        def unit(model, params, draws, state):
+            def copy(m):
+                return plan.unit(model, params, draws.coupled(noise, m, tr), state)
 
-        outs = jax.vmap(one)(us)
-        return UnitOut(jnp.mean(outs.terms, axis=0), outs.fvals.reshape(-1))
+            try:
+                outs = jax.vmap(copy)(jnp.arange(per_unit))
+            except DesignRefusal as err:
+                raise TypeError(f"{name}: {inner.name} {err}. {_DESIGNED}; use {inner.name} "
+                                "without a sampling design.") from None
+            return UnitOut(jnp.mean(outs.terms, axis=0), outs.fvals.reshape(-1))
 
-    def specialize(family, theta):  # bind the inner estimator, then re-apply the design
-        assert inner.specialize is not None
-        return _coupled(inner.specialize(family, theta), name, per_unit, noise, transform, dim)
+        return plan._replace(unit=unit, draws_per_unit=per_unit * plan.draws_per_unit,
+                             min_units=max(plan.min_units, 1))
 
-    return inner._replace(
-        name=f"{name}[{inner.name}]",
-        unit=traits.carry(unit, inner),
-        draws_per_unit=per_unit,
-        min_units=max(inner.min_units, 1),
-        needs_key=True,
-        presample=False,  # the unit draws its own coupled noise from the key
-        specialize=None if inner.specialize is None else specialize,
-    )
+    return Estimator(full, inner.init, bind, inner.update)
 
 
 def antithetic(estimator: Estimator | None = None, *, transform=None, dim=None) -> Estimator:

@@ -73,9 +73,10 @@ class EstimatorEntry(NamedTuple):
 
 
 def _specialized(est: sg.Estimator, problem: Problem) -> sg.Estimator:
-    """``est`` specialized to the problem's family and theta (an estimator with ``specialize``)."""
-    assert est.specialize is not None  # every estimator passed here defines it
-    return est.specialize(problem.family, problem.theta)
+    """``est`` for the problem: estimators bind to the family and theta themselves
+    (``Estimator.bind``); kept so entries read as before."""
+    del problem
+    return est
 
 
 ESTIMATORS: list[EstimatorEntry] = [

@@ -179,7 +179,7 @@ def train(f: Callable, family: sg.Family, theta, key, *, num_steps: int, num_sam
     opt = optax.adam(0.05) if optimizer is None else optimizer
 
     def loss(th, k, st):
-        if est.stateful:
+        if sg.bind(est, family, th).stateful:
             value, new = sg.expectation_with_state(f, family, th, k, st, num_samples=num_samples,
                                                    estimator=est)
         else:

@@ -121,7 +121,7 @@ def elbo(params: dict, x: jax.Array, key, *, num_samples: int,
     logits = x @ params["enc"]["w"] + params["enc"]["b"]
     f = lambda z: log_joint(params["dec"], x, z)  # noqa: E731
     fam = sg.families.bernoulli()
-    if est.stateful:
+    if sg.bind(est, fam, logits).stateful:
         value, state = sg.expectation_with_state(f, fam, logits, key, state,
                                                  num_samples=num_samples, estimator=est)
     else:
@@ -143,7 +143,7 @@ def default_estimators(temperature: float = 0.5) -> dict:
 
 def _init_state(est: sg.Estimator, params: dict, batch_size: int):
     logits = jnp.zeros((batch_size, params["enc"]["b"].shape[0]), params["enc"]["b"].dtype)
-    return est.init(logits) if est.stateful else None
+    return est.init(logits) if sg.bind(est, sg.families.bernoulli(), logits).stateful else None
 
 
 def train(data: jax.Array, key, *, estimator: sg.Estimator, num_steps: int = 500,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src.base import Estimator, UnitOut, single_term
+from scoregrad._src.base import Estimator, Plan, UnitOut, estimator
 from scoregrad._src.estimators.relaxed import make_check
 
 sg_ = jax.lax.stop_gradient
@@ -69,29 +69,30 @@ def _check(who):
 
 
 def _make(name: str, gradient) -> Estimator:
-    def unit(model, params, key, x, state):
-        del x, state
-        # capabilities.bernoulli_logits (checked at trace time); the gradient in the logits
-        # reaches theta through it (the chain rule of the parameterization)
-        th = model.family.capabilities.bernoulli_logits(params.theta)
-        logits = sg_(th)
-        u = jax.random.uniform(key, jnp.shape(th), jnp.result_type(th))
-        b, bt = antithetic_pair(logits, u)
-        draw = jax.eval_shape(lambda: model.draw(params, key)).dtype  # f gets the family's dtype
-        f_b, f_bt = model.eval_f(params, b.astype(draw)), model.eval_f(params, bt.astype(draw))
-        g = sg_(gradient(logits, u, sg_(f_b), sg_(f_bt)))
-        # value: the pair's mean of f (f's own dependence on theta flows); gradient: + g.
-        term = 0.5 * (f_b + f_bt) + jnp.sum(g * (th - logits)).astype(f_b.dtype)
-        return UnitOut(term[None], sg_(jnp.stack([f_b, f_bt])))
+    check = _check(f"{name}()")
 
-    return single_term(
-        name,
-        unit,
-        draws_per_unit=2,
-        check=_check(f"{name}()"),
-        max_order=1,
-        shift_invariant=True,
-    )
+    def bind(target):
+        check(target, target.theta, target.x_struct)
+        draw_dtype = jax.tree_util.tree_leaves(target.x_struct)[0].dtype  # f gets the draws' dtype
+
+        def unit(model, params, draws, state):
+            del state
+            # capabilities.bernoulli_logits (checked at bind); the gradient in the logits
+            # reaches theta through it (the chain rule of the parameterization)
+            th = model.family.capabilities.bernoulli_logits(params.theta)
+            logits = sg_(th)
+            u = draws.uniform(jnp.shape(th), jnp.result_type(th))
+            b, bt = antithetic_pair(logits, u)
+            f_b = model.eval_f(params, b.astype(draw_dtype))
+            f_bt = model.eval_f(params, bt.astype(draw_dtype))
+            g = sg_(gradient(logits, u, sg_(f_b), sg_(f_bt)))
+            # value: the pair's mean of f (f's own dependence on theta flows); gradient: + g.
+            term = 0.5 * (f_b + f_bt) + jnp.sum(g * (th - logits)).astype(f_b.dtype)
+            return UnitOut(term[None], sg_(jnp.stack([f_b, f_bt])))
+
+        return Plan(unit, draws_per_unit=2, max_order=1, shift_invariant=True)
+
+    return estimator(name, bind)
 
 
 _COMMON = r"""

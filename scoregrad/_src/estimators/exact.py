@@ -8,20 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src.base import Estimator, UnitOut, single_term
+from scoregrad._src.base import Estimator, Plan, UnitOut, estimator
 from scoregrad._src.family import require
 
 
-def _estimator(name, unit, draws_per_unit, specialize) -> Estimator:
+def _plan(name, unit, draws_per_unit) -> Plan:
     # indecater's surrogate misses the cross-coordinate second derivatives: first order only.
-    return single_term(
-        name,
-        unit,
-        draws_per_unit=draws_per_unit,
-        specialize=specialize,
-        max_order=1 if name == "indecater" else None,
-        shift_invariant=True,
-    )
+    return Plan(unit, draws_per_unit=draws_per_unit, max_order=1 if name == "indecater" else None,
+                shift_invariant=True)
 
 
 def support_size(family, theta) -> int:
@@ -76,28 +70,29 @@ def enumerate(max_support: int = 4096) -> Estimator:
     if max_support < 1:
         raise ValueError(f"enumerate(max_support=...) must be >= 1; got {max_support}.")
 
-    def unit(model, params, key, x, state):
-        del x, state
-        points = jax.lax.stop_gradient(model.family.capabilities.support(params.theta))
-        # f was traced for the sampler's draws: give it the support in their dtypes
-        x_struct = jax.eval_shape(lambda: model.draw(params, key))
-        points = jax.tree_util.tree_map(lambda p, s: p.astype(s.dtype), points, x_struct)
-        lp = jax.vmap(lambda p: model.eval_log_prob(params, p))(points)
-        fv = jax.vmap(lambda p: model.eval_f(params, p))(points)
-        total = jnp.sum(jnp.exp(lp).astype(fv.dtype) * fv)
-        return UnitOut(total[None], jax.lax.stop_gradient(total)[None])
-
-    def specialize(family, theta):
-        s = support_size(family, theta)
+    def bind(target):
+        s = support_size(target.family, target.theta)
         if s > max_support:
             raise ValueError(
-                f"enumerate(): family {family.name!r} at this theta has a support of {s} points, "
-                f"more than max_support={max_support}. Raise sg.enumerate(max_support=...) if "
-                "you can afford it, or use a sampling estimator."
+                f"enumerate(): family {target.family.name!r} at this theta has a support of {s} "
+                f"points, more than max_support={max_support}. Raise sg.enumerate(max_support=...) "
+                "if you can afford it, or use a sampling estimator."
             )
-        return _estimator("enumerate", unit, s, specialize)
 
-    return _estimator("enumerate", unit, 1, specialize)
+        def unit(model, params, draws, state):
+            del draws, state  # no randomness: the exact sum
+            points = jax.lax.stop_gradient(model.family.capabilities.support(params.theta))
+            # f was traced for the sampler's draws: give it the support in their dtypes
+            points = jax.tree_util.tree_map(lambda p, st: p.astype(st.dtype), points,
+                                            target.x_struct)
+            lp = jax.vmap(lambda p: model.eval_log_prob(params, p))(points)
+            fv = jax.vmap(lambda p: model.eval_f(params, p))(points)
+            total = jnp.sum(jnp.exp(lp).astype(fv.dtype) * fv)
+            return UnitOut(total[None], jax.lax.stop_gradient(total)[None])
+
+        return _plan("enumerate", unit, s)
+
+    return estimator("enumerate", bind)
 
 
 def _table(logits, categorical: bool):
@@ -178,11 +173,9 @@ def indecater() -> Estimator:
       Distributions Using the CatLog-Derivative Trick", NeurIPS 2023.
     """
 
-    def unit(model, params, key, x, state):
+    def unit(model, params, draws, state):
         del state
-        if x is None:
-            x = model.draw(params, key)
-        x = jax.lax.stop_gradient(x)
+        x = draws.sample()
         logits_of, categorical = _logits(model.family)
         logp = _table(logits_of(params.theta), categorical)
         d, k = logp.shape
@@ -194,8 +187,8 @@ def indecater() -> Estimator:
         grad_part = jnp.sum((probs - jax.lax.stop_gradient(probs)) * jax.lax.stop_gradient(fv))
         return UnitOut((f_x + grad_part)[None], jax.lax.stop_gradient(f_x)[None])
 
-    def specialize(family, theta):
-        return _estimator("indecater", unit, _indecater_cost(family, theta), specialize)
+    def bind(target):
+        return _plan("indecater", unit, _indecater_cost(target.family, target.theta))
 
-    return _estimator("indecater", unit, 1, specialize)
+    return estimator("indecater", bind)
 

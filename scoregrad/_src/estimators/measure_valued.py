@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import weak_derivative as wd
-from scoregrad._src.base import Estimator, UnitOut, single_term
+from scoregrad._src.base import Estimator, Plan, UnitOut, estimator
 
 _SUPPORTED = "normal (loc, scale), bernoulli, poisson, exponential, gamma (rate)"
 
@@ -97,18 +97,20 @@ def measure_valued() -> Estimator:
       Rosca, Figurnov and Mnih, "Monte Carlo Gradient Estimation in Machine Learning", JMLR
       2020, §6.
     """
-    return _build(draws_per_unit=1, decomposition=None, param_map=_identity)
+    def bind(target):
+        fn, pmap = decomposition_of(target.family)
+        cost = _cost(fn, pmap, target.family, target.theta)
+        return Plan(_unit(fn, pmap), draws_per_unit=cost, max_order=1, shift_invariant=True)
+
+    return estimator("measure_valued", bind)
 
 
-def _build(draws_per_unit: int, decomposition, param_map) -> Estimator:
-    def unit(model, params, key, x, state):
-        del state, x
-        if decomposition is None:
-            raise TypeError("measure_valued(): call it through sg.estimate_grad/sg.expectation.")
-        k_draw, k_extra = jax.random.split(key)
+def _unit(decomposition, param_map):
+    def unit(model, params, draws, state):
+        del state
         phi = param_map(params.theta)  # what the decomposition differentiates in
-        x = jax.lax.stop_gradient(model.draw(params, k_draw))
-        parts = jax.lax.stop_gradient(decomposition(jax.lax.stop_gradient(phi), x, k_extra))
+        x = draws.sample()
+        parts = jax.lax.stop_gradient(decomposition(jax.lax.stop_gradient(phi), x, draws.key()))
         f_x = model.eval_f(params, x)
         frozen = jax.lax.stop_gradient(params)
         f_pts = jax.vmap(lambda p: model.eval_f(frozen, p))(parts.points)
@@ -123,15 +125,4 @@ def _build(draws_per_unit: int, decomposition, param_map) -> Estimator:
         term = f_x + cast(jax.Array, sum(jax.tree_util.tree_leaves(extra))).astype(f_x.dtype)
         return UnitOut(term[None], jax.lax.stop_gradient(f_x)[None])
 
-    def specialize(family, theta):
-        fn, pmap = decomposition_of(family)
-        return _build(draws_per_unit=_cost(fn, pmap, family, theta), decomposition=fn, param_map=pmap)
-
-    return single_term(
-        "measure_valued",
-        unit,
-        draws_per_unit=draws_per_unit,
-        specialize=specialize,
-        max_order=1,
-        shift_invariant=True,
-    )
+    return unit

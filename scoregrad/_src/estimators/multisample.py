@@ -1,10 +1,9 @@
 r"""Multi-sample estimators: RLOO with K draws per group, and VIMCO for log-mean-exp objectives.
 
-A unit is a group of K draws. Draw ``k`` of the group with unit key ``u`` uses the key
-``fold_in(u, k)``. Called directly (``estimator.unit(model, params, None, xs, state)``), a unit
-takes the group's K draws stacked on a leading axis as ``x``; through the public API these
-estimators draw their own groups (given samples are refused: use
-``sg.score_function(baseline=sg.baselines.leave_one_out())`` for those).
+A unit is a group of K draws (``Draws.sample(num=K)``): draw ``k`` of the group with unit key
+``u`` uses the key ``fold_in(u, k)``. With given samples
+(:func:`scoregrad.estimate_grad_from_samples`) a group is K consecutive samples, so the samples
+must be i.i.d. and their number a multiple of K.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src.base import Estimator, UnitOut, magic_box, single_term
-from scoregrad._src.estimators.traits import mark_not_unbiased
+from scoregrad._src.base import Estimator, Plan, UnitOut, fixed, magic_box
 
 
 def _check_k(k, name: str, arg: str) -> int:
@@ -30,22 +28,15 @@ def _check_k(k, name: str, arg: str) -> int:
     return k
 
 
-def _group(model, params, key, x, k):
-    """The group's K draws (stop-gradient), stacked on a leading axis."""
-    if x is not None:
-        return x
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(k, dtype=jnp.uint32))
-    return jax.lax.stop_gradient(jax.vmap(lambda kk: model.draw(params, kk))(keys))
-
-
 def _group_eval(model, params, xs):
     f = jax.vmap(lambda x: model.eval_f(params, x))(xs)
     lp = jax.vmap(lambda x: model.eval_log_prob(params, x))(xs)
     return f, lp
 
 
-def _estimator(name, unit, k, shift_invariant=False) -> Estimator:
-    return single_term(name, unit, draws_per_unit=k, shift_invariant=shift_invariant)
+def _estimator(name, unit, k, shift_invariant=False, not_unbiased=None) -> Estimator:
+    return fixed(name, Plan(unit, draws_per_unit=k, shift_invariant=shift_invariant,
+                            not_unbiased=not_unbiased))
 
 
 def rloo(group_size: int) -> Estimator:
@@ -89,9 +80,9 @@ def rloo(group_size: int) -> Estimator:
     """
     k = _check_k(group_size, "rloo", "group_size")
 
-    def unit(model, params, key, x, state):
+    def unit(model, params, draws, state):
         del state
-        xs = _group(model, params, key, x, k)
+        xs = draws.sample(num=k)  # the group's K draws (given: K consecutive samples)
         f, lp = _group_eval(model, params, xs)
         f_sg = jax.lax.stop_gradient(f)
         base = (jnp.sum(f_sg) - f_sg) / (k - 1)
@@ -159,9 +150,9 @@ def vimco(num_particles: int) -> Estimator:
     """
     k = _check_k(num_particles, "vimco", "num_particles")
 
-    def unit(model, params, key, x, state):
+    def unit(model, params, draws, state):
         del state
-        xs = _group(model, params, key, x, k)
+        xs = draws.sample(num=k)  # the group's K draws (given: K consecutive samples)
         f, lp = _group_eval(model, params, xs)
         value = jax.nn.logsumexp(f) - jnp.log(k)
         base = jax.lax.stop_gradient(_loo_log_mean_exp(f))
@@ -169,9 +160,8 @@ def vimco(num_particles: int) -> Estimator:
         term = magic_box(jnp.sum(lp)) * value + jnp.sum((1.0 - box_k) * base)
         return UnitOut(term[None], jax.lax.stop_gradient(value)[None])
 
-    mark_not_unbiased(unit, f"vimco({k}) estimates the gradient of the log-mean-exp bound, not "
-                      "of E[f]")
     # Not shift_invariant: a constant added to f leaves VIMCO's gradient unchanged but adds
     # c * (box(sum lp) - sum box_k) to the surrogate, whose second derivative (the cross terms
     # s_j s_k^T) is not zero per draw: centring f would change its Hessian.
-    return _estimator(f"vimco({k})", unit, k)
+    return _estimator(f"vimco({k})", unit, k, not_unbiased=(
+        f"vimco({k}) estimates the gradient of the log-mean-exp bound, not of E[f]"))

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import validation
-from scoregrad._src.base import Estimator, UnitOut, single_term
+from scoregrad._src.base import Estimator, Plan, UnitOut, fixed
 
 
-def _check(model, theta, x_struct):
-    fam = model.family
+def _check(target):
+    fam, theta, x_struct = target.family, target.theta, target.x_struct
     if fam.reparameterized is False:
         raise TypeError(
             f"pathwise() needs a reparameterizable sampler, but family {fam.name!r} declares "
@@ -24,7 +24,7 @@ def _check(model, theta, x_struct):
                 f"{fam.name!r} samples dtype {leaf.dtype}. Use sg.score_function() instead."
             )
     if fam.reparameterized is None:  # a user sampler: check that draws move with theta
-        key = jax.random.PRNGKey(0) if model.legacy_key else jax.random.key(0)
+        key = jax.random.PRNGKey(0) if target.legacy_key else jax.random.key(0)
         if validation.depends_differentiably(fam.sample, (theta, key), 0) is False:
             raise TypeError(
                 f"pathwise() needs a sampler differentiable in theta, but the draws of family "
@@ -64,21 +64,10 @@ def pathwise() -> Estimator:
       Gradient Estimation in Machine Learning", JMLR 2020, §5.
     """
 
-    def unit(model, params, key, x, state):
+    def unit(model, params, draws, state):
         del state
-        if key is None:
-            raise TypeError(
-                "pathwise() differentiates through the sampler, so it cannot use given samples; "
-                "call sg.estimate_grad with a key instead of samples."
-            )
-        x = model.draw(params, key)
+        x = draws.rsample()  # differentiable through the sampler: given draws are refused
         f = model.eval_f(params, x)
         return UnitOut(f[None], jax.lax.stop_gradient(f)[None])
 
-    return single_term(
-        "pathwise",
-        unit,
-        draws_per_unit=1,
-        check=_check,
-        shift_invariant=True,
-    )
+    return fixed("pathwise", Plan(unit, shift_invariant=True), check=_check)

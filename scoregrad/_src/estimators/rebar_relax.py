@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import optax
 
 from scoregrad._src import engine
-from scoregrad._src.base import Estimator, Params, UnitOut, magic_box, no_update
+from scoregrad._src.base import Estimator, Params, Plan, UnitOut, magic_box, no_update
+from scoregrad._src.binding import Bound
 from scoregrad._src.estimators.relaxed import check_temperature, make_check
 
 sg_ = jax.lax.stop_gradient
@@ -88,16 +89,15 @@ def relax_surrogate(f_of, log_prob_of, cv, omega, theta, eps, v):
     return term, fb
 
 
-def _unit_term(model, params, key, cv, omega):
-    # capabilities.bernoulli_logits (checked at trace time); gradients reach theta through it
+def _unit_term(model, params, draws, cv, omega, draw):
+    """One unit's surrogate term and f(b); ``draw`` is the dtype of the family's draws."""
+    # capabilities.bernoulli_logits (checked at bind); gradients reach theta through it
     logits = model.family.capabilities.bernoulli_logits(params.theta)
     dtype = jnp.result_type(logits)
-    ku, kv = jax.random.split(key)
-    eps = jax.random.logistic(ku, jnp.shape(logits), dtype)
-    v = jax.random.uniform(kv, jnp.shape(logits), dtype, minval=jnp.finfo(dtype).tiny, maxval=1.0)
+    eps = draws.logistic(jnp.shape(logits), dtype)
+    v = jnp.maximum(draws.uniform(jnp.shape(logits), dtype), jnp.finfo(dtype).tiny)
     # the score is the family's own log_prob at params (its theta gradient is the chain rule
     # through the logits); the logits passed as `theta` below feed z, z~ and the relaxations
-    draw = jax.eval_shape(lambda: model.draw(params, key)).dtype  # log_prob takes its draws' dtype
     return relax_surrogate(
         lambda y: model.eval_f(params, y),
         lambda t, b: model.eval_log_prob(params, b.astype(draw)),
@@ -137,20 +137,20 @@ def _learn_fn(cv, optimizer):
         omega = state.params
         dtype = jnp.result_type(params.theta)
 
-        def sq_unit(model_, p, key_, x_, st_):
-            del model_, x_, st_
-            g = jax.grad(lambda th: _unit_term(model, params._replace(theta=th), key_, cv, p.theta)[0])(
-                params.theta
-            )
+        draw = jax.eval_shape(lambda: model.draw(params, key)).dtype
+
+        def sq_unit(model_, p, draws, st_):
+            del model_, st_
+            # the same noise as the estimate's unit (the same unit key, streams in order)
+            g = jax.grad(lambda th: _unit_term(model, params._replace(theta=th), draws.replay(),
+                                               cv, p.theta, draw)[0])(params.theta)
             # theta has at least one leaf (validation.check_theta): the sum is an array, not 0
             sq = cast(jax.Array, sum(jnp.sum(jnp.square(leaf))
                                      for leaf in jax.tree_util.tree_leaves(g))).astype(dtype)
             return UnitOut(sq[None], sg_(sq)[None])
 
-        pseudo = Estimator(
-            name="relax_variance", init=lambda t: (), unit=sq_unit,
-            weights=lambda fs, st, n: jnp.ones((1,), dtype), update=no_update,
-        )
+        pseudo = Bound("relax_variance", Plan(sq_unit), lambda t: (), no_update, num_terms=1,
+                       needs_key=True, presample=False, stateful=False)
         out = engine.run(
             model, pseudo, Params(omega), state, num_units=num_units, chunk_units=chunk_units,
             mode="grad", dtype=dtype, key=key,
@@ -170,11 +170,19 @@ def _learn_fn(cv, optimizer):
 
 
 def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
-    def unit(model, params, key, x, state):
-        del x
-        omega = state.params if learn else init_params(params.theta)
-        term, fb = _unit_term(model, params, key, cv, omega)
-        return UnitOut(term[None], sg_(fb)[None])
+    check = make_check(f"{name}()", categorical=False, fix=" (REBAR/RELAX support Bernoulli "
+                       "only; for categorical use sg.gumbel_softmax or the score function).")
+
+    def bind(target):
+        check(target, target.theta, target.x_struct)
+        draw = jax.tree_util.tree_leaves(target.x_struct)[0].dtype  # log_prob takes its dtype
+
+        def unit(model, params, draws, state):
+            omega = state.params if learn else init_params(params.theta)
+            term, fb = _unit_term(model, params, draws, cv, omega, draw)
+            return UnitOut(term[None], sg_(fb)[None])
+
+        return Plan(unit, learn=_learn_fn(cv, optimizer) if learn else None, max_order=1)
 
     def init(theta):
         if not learn:
@@ -182,22 +190,7 @@ def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
         p = init_params(theta)
         return RelaxState(p, optimizer.init(p))
 
-    return Estimator(
-        name=name,
-        init=init,
-        unit=unit,
-        weights=lambda fstats, state, n: jnp.ones((1,), fstats.mean.dtype),
-        update=no_update,
-        num_terms=1,
-        draws_per_unit=1,
-        min_units=1,
-        needs_key=True,
-        stateful=learn,
-        check=make_check(f"{name}()", categorical=False, fix=" (REBAR/RELAX support Bernoulli "
-                         "only; for categorical use sg.gumbel_softmax or the score function)."),
-        learn=_learn_fn(cv, optimizer) if learn else None,
-        max_order=1,
-    )
+    return Estimator(name, init, bind, no_update)
 
 
 def _real(value, name, who):

@@ -34,8 +34,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src.base import Estimator, UnitOut, single_term
-from scoregrad._src.estimators.traits import mark_not_unbiased
+from scoregrad._src.base import Estimator, Plan, UnitOut, fixed
 from scoregrad._src.family import Capabilities, Family
 
 sg_ = jax.lax.stop_gradient
@@ -118,6 +117,14 @@ def noise(categorical: bool, key: jax.Array, logits: jax.Array) -> jax.Array:
     if not categorical:
         return jax.random.logistic(key, jnp.shape(logits), dtype)
     return jax.random.gumbel(key, jnp.shape(logits), dtype)
+
+
+def draws_noise(categorical: bool, draws, logits: jax.Array) -> jax.Array:
+    """:func:`noise` from a unit's :class:`~scoregrad._src.base.Draws` (sampling designs reach it)."""
+    dtype = jnp.result_type(logits)
+    if not categorical:
+        return draws.logistic(jnp.shape(logits), dtype)
+    return draws.gumbel(jnp.shape(logits), dtype)
 
 
 def relax(categorical: bool, logits: jax.Array, eps: jax.Array, temperature) -> jax.Array:
@@ -238,22 +245,16 @@ def relaxed_categorical(temperature: float) -> Family:
     )
 
 
-def _estimator(name, unit, check, needs_key) -> Estimator:
-    # Every estimator here is biased: applied to a control variate h it does not estimate
-    # grad E[h], so with_control_variates refuses it (scoregrad._src.estimators.traits).
-    mark_not_unbiased(unit, f"{name} is biased (the mean of its gradient is not the gradient "
-                      "of E[f])")
+def _estimator(name, unit, check) -> Estimator:
     # Straight-through surrogates are first order only; the relaxed objective (gumbel_softmax)
     # is differentiable at every order (its Hessian is that of the relaxation, with its bias).
-    return single_term(
-        name,
-        unit,
-        draws_per_unit=1,
-        needs_key=needs_key,
-        check=check,
-        f_input=f_input,
-        max_order=1 if name.startswith("straight_through") else None,
+    plan = Plan(
+        unit, f_input=f_input, max_order=1 if name.startswith("straight_through") else None,
+        # Every estimator here is biased: applied to a control variate h it does not estimate
+        # grad E[h], so with_control_variates refuses it.
+        not_unbiased=f"{name} is biased (the mean of its gradient is not the gradient of E[f])",
     )
+    return fixed(name, plan, check=lambda t: check(t, t.theta, t.x_struct))
 
 
 def _noise_relaxation(name: str, temperature, f_input) -> Estimator:
@@ -262,14 +263,14 @@ def _noise_relaxation(name: str, temperature, f_input) -> Estimator:
     lam = check_temperature(temperature, name)
     who = f"{name}({lam})"
 
-    def unit(model, params, key, x, state):
-        del x, state
+    def unit(model, params, draws, state):
+        del state
         logits_of, categorical = family_logits(model.family)
         logits = logits_of(params.theta)  # gradients reach theta through the parameterization
-        eps = noise(categorical, key, logits)
+        eps = draws_noise(categorical, draws, logits)
         return _out(model.eval_f(params, f_input(categorical, logits, eps, lam)))
 
-    return _estimator(who, unit, make_check(who), needs_key=True)
+    return _estimator(who, unit, make_check(who))
 
 
 def _out(f):
@@ -348,13 +349,11 @@ def straight_through() -> Estimator:
     """
     who = "straight_through()"
 
-    def unit(model, params, key, x, state):
+    def unit(model, params, draws, state):
         del state
         logits_of, categorical = family_logits(model.family)
         th = logits_of(params.theta)
-        if x is None:
-            x = model.draw(params, key)
-        x = sg_(x)
+        x = draws.sample()
         if not categorical:
             hard, p = x.astype(th.dtype), jax.nn.sigmoid(th)
         else:
@@ -362,7 +361,7 @@ def straight_through() -> Estimator:
             p = jax.nn.softmax(th, axis=-1)
         return _out(model.eval_f(params, hard + (p - sg_(p))))
 
-    return _estimator(who, unit, make_check(who), needs_key=False)
+    return _estimator(who, unit, make_check(who))
 
 
 def straight_through_gumbel(temperature: float = 1.0) -> Estimator:

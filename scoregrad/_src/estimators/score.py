@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import baselines as _baselines
-from scoregrad._src.base import Baseline, Estimator, FStats, UnitOut, magic_box
+from scoregrad._src.base import Baseline, Estimator, FStats, Plan, UnitOut, magic_box
 
 
 def score_function(baseline: Optional[Baseline] = None) -> Estimator:
@@ -57,9 +57,8 @@ def score_function(baseline: Optional[Baseline] = None) -> Estimator:
             f"sg.baselines.leave_one_out(), or None; got {type(baseline).__name__}."
         )
 
-    def unit(model, params, key, x, state):
-        if x is None:  # the engine presamples; this path serves direct calls of `unit`
-            x = jax.lax.stop_gradient(model.draw(params, key))
+    def unit(model, params, draws, state):
+        x = draws.sample()  # the engine draws ahead (presample): this returns its draw
         f = model.eval_f(params, x)
         box = magic_box(model.eval_log_prob(params, x))
         f_sg = jax.lax.stop_gradient(f)
@@ -75,24 +74,17 @@ def score_function(baseline: Optional[Baseline] = None) -> Estimator:
         return jnp.concatenate([jnp.ones((1,), fstats.mean.dtype), w.astype(fstats.mean.dtype)])
 
     name = "score_function" if baseline.name == "none" else f"score_function[{baseline.name}]"
-    return Estimator(
-        name=name,
-        init=lambda theta: baseline.init(_dtype_of(theta)),
+    plan = Plan(
         unit=unit,
         weights=weights,
-        update=baseline.update,
-        num_terms=1 + baseline.num_features,
-        draws_per_unit=1,
         min_units=baseline.min_samples,
-        needs_key=False,
-        stateful=baseline.stateful,
-        check=None,
         fitted=tuple(1 + i for i in baseline.fitted),
-        presample=True,
         shift_invariant=baseline.shift_invariant,
         # leave_one_out's and optimal's first feature is the constant 1: term 1 is -score.
         shift_term=1 if baseline.shift_invariant else None,
     )
+    return Estimator(name, lambda theta: baseline.init(_dtype_of(theta)), lambda target: plan,
+                     baseline.update)
 
 
 def _dtype_of(theta):
