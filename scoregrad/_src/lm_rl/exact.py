@@ -64,6 +64,8 @@ def _per_prompt(loss_fn, idx, logc, mask, lp, old, ref, rew, q_log):
                                   num_segments=n)
         return jnp.sum(w * vals), acc
 
+    if m <= _CHUNK:  # one chunk: no loop (a simpler program compiles faster)
+        return chunk((idx, jnp.exp(logw)))
     vals, accs = jax.lax.map(chunk, (idx_p.reshape(-1, _CHUNK, idx.shape[1]),
                                      w_p.reshape(-1, _CHUNK)))
     return vals.sum(), accs.sum(0)
