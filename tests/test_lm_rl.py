@@ -121,6 +121,12 @@ def test_other_normalisations_are_biased(x64, preset):
     assert g @ truth / (np.linalg.norm(g) * np.linalg.norm(truth)) < 0.999
 
 
+def test_gspo_on_policy_expectation_is_grpos(x64):
+    """At mu = p, the gradient of (p(o)/mu(o))^(1/|o|) is grad log p(o) / |o|: GRPO's."""
+    np.testing.assert_allclose(_expected(lm.gspo_loss, 2), _expected(lm.grpo_loss, 2),
+                               rtol=0, atol=TOL)
+
+
 def test_bias_table_rows_and_verdicts(x64):
     rows = [r for r in lm.TABLE_ROWS if r.label in ("RLOO", "GRPO (std, 1/|o|)",
                                                     "Dr. GRPO (constant T)")]
