@@ -1,0 +1,264 @@
+r"""Categorical REBAR and RELAX: the score function with a control variate at Gumbel relaxations.
+
+For one categorical with log-probabilities :math:`\phi = \log\mathrm{softmax}(\text{logits})`
+write :math:`b = \arg\max_i z_i`, :math:`z = \phi + G` with i.i.d. Gumbel noise, and draw
+:math:`\tilde z \sim p(z \mid b)` with the conditional Gumbel reparameterization (Tucker et al.
+2017, appendix; independent uniforms :math:`v`):
+
+.. math::
+   \tilde z_b = -\log(-\log v_b), \qquad
+   \tilde z_i = -\log\Big(-\frac{\log v_i}{p_i} - \log v_b\Big)\quad (i \ne b).
+
+For any control variate :math:`c_\omega(z)`,
+
+.. math::
+   \hat g = \big(f(b) - c_\omega(\tilde z)\big)\,\nabla_\phi \log p(b)
+            + \nabla_\phi c_\omega(z) - \nabla_\phi c_\omega(\tilde z)
+
+is unbiased. REBAR takes :math:`c(z) = \eta\, f(\mathrm{softmax}(z/\lambda))`; RELAX adds a
+small network of the relaxed sample. With ``learn=True`` the control variate's parameters are
+trained after each estimate to minimize :math:`\mathbb E\|\hat g\|^2` (the estimator state,
+:class:`scoregrad.RelaxState`, threaded like an optax state); the estimate of a call uses the
+state it was given.
+
+**What f receives**: float arrays of theta's shape ``(..., K)``: one-hot vectors for the exact
+draw and points of the simplex for the relaxations (as :func:`scoregrad.gumbel_softmax`); write
+f for one-hot input, e.g. ``jnp.sum(y * values)``.
+
+References:
+  Tucker, Mnih, Maddison, Lawson and Sohl-Dickstein, "REBAR: Low-variance, unbiased gradient
+  estimates for discrete latent variable models", NeurIPS 2017. Grathwohl, Choi, Wu, Roeder and
+  Duvenaud, "Backpropagation through the Void: Optimizing control variates for black-box
+  gradient estimation", ICLR 2018.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, cast
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from scoregrad._src import engine
+from scoregrad._src.base import Estimator, Params, Plan, UnitOut, magic_box, no_update
+from scoregrad._src.binding import Bound
+from scoregrad._src.estimators.categorical import categorical_logits_struct
+from scoregrad._src.estimators.rebar_relax import RelaxState, _check_optimizer, _real
+from scoregrad._src.estimators.relaxed import check_temperature, f_input
+
+sg_ = jax.lax.stop_gradient
+
+
+def conditional_gumbel(log_p: jax.Array, onehot: jax.Array, v: jax.Array) -> jax.Array:
+    r""":math:`\tilde z \sim p(\phi + G \mid \arg\max = b)` from uniforms ``v`` (last axis K),
+    for normalized log-probabilities ``log_p``; differentiable in ``log_p`` with b fixed."""
+    e = -jnp.log(v)  # Exp(1)
+    e_b = jnp.sum(onehot * e, axis=-1, keepdims=True)
+    others = -jnp.logaddexp(jnp.log(e) - log_p, jnp.log(e_b))
+    return jnp.where(onehot > 0.5, -jnp.log(e_b), others)
+
+
+def rebar_cv(omega, z, f_of):
+    r""":math:`c(z) = \eta\, f(\mathrm{softmax}(z/\lambda))`, ``omega = {"eta", "log_temperature"}``."""
+    return omega["eta"] * f_of(jax.nn.softmax(z / jnp.exp(omega["log_temperature"]), axis=-1))
+
+
+def mlp_cv(omega, z, f_of):
+    r"""RELAX's default: REBAR's plus :math:`\mathrm{MLP}_\rho(\mathrm{softmax}(z/\lambda))`."""
+    y = jax.nn.softmax(z / jnp.exp(omega["log_temperature"]), axis=-1)
+    net = omega["mlp"]
+    h = jnp.tanh(y.reshape(-1) @ net["w1"] + net["b1"])
+    return rebar_cv(omega, z, f_of) + (h @ net["w2"] + net["b2"]).astype(y.dtype)
+
+
+def relax_surrogate(f_of, log_prob_of, cv, omega, logits, gumbel, v):
+    """One unit's surrogate term (value f(b), gradient the estimate) and f(b) for given noise.
+
+    ``f_of(y)`` evaluates f at a float ``(..., K)`` array, ``log_prob_of(b)`` the family's
+    log-mass of the index draw b (its gradient is the score), ``cv(omega, z, f_of)`` the control
+    variate.
+    """
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    z = log_p + gumbel
+    b = jnp.argmax(sg_(z), axis=-1)
+    onehot = jax.nn.one_hot(b, logits.shape[-1], dtype=logits.dtype)
+    zt = conditional_gumbel(log_p, onehot, v)
+    fb = f_of(onehot)
+    box = magic_box(log_prob_of(b))
+    cz, czt = cv(omega, z, f_of), cv(omega, zt, f_of)
+    if jnp.shape(cz) != () or not jnp.issubdtype(jnp.result_type(cz), jnp.floating):
+        raise TypeError("categorical_relax(control_variate=...) must return a floating-point "
+                        f"scalar; got shape {jnp.shape(cz)}. Reduce it, e.g. jnp.sum(...).")
+    cz, czt = cz.astype(fb.dtype), czt.astype(fb.dtype)
+    term = box * fb + (1.0 - box) * czt + (cz - sg_(cz)) - (czt - sg_(czt))
+    return term, fb
+
+
+def _unit_term(model, params, draws, cv, omega, draw):
+    th = model.family.capabilities.categorical_logits(params.theta)  # checked at bind
+    dtype = jnp.result_type(th)
+    g = draws.gumbel(jnp.shape(th), dtype)
+    v = jnp.maximum(draws.uniform(jnp.shape(th), dtype), jnp.finfo(dtype).tiny)
+    return relax_surrogate(lambda y: model.eval_f(params, y),
+                           lambda b: model.eval_log_prob(params, b.astype(draw)),
+                           cv, omega, th, g, v)
+
+
+def _learn_fn(cv, optimizer):
+    """Minimizes the mean over this call's units of ||g_i||^2 in the control variate's parameters
+    (the same draws as the estimate: the same unit keys, streams in order)."""
+
+    def learn(model, params, key, state, num_units, chunk_units):
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(params.theta))
+        draw = jax.eval_shape(lambda: model.draw(params, key)).dtype
+
+        def sq_unit(model_, p, draws, st_):
+            del model_, st_
+            g = jax.grad(lambda th: _unit_term(model, params._replace(theta=th), draws.replay(),
+                                               cv, p.theta, draw)[0])(params.theta)
+            sq = cast(jax.Array, sum(jnp.sum(jnp.square(leaf))
+                                     for leaf in jax.tree_util.tree_leaves(g))).astype(dtype)
+            return UnitOut(sq[None], sg_(sq)[None])
+
+        pseudo = Bound("categorical_relax_variance", Plan(sq_unit), lambda t: (), no_update,
+                       num_terms=1, needs_key=True, presample=False, stateful=False)
+        out = engine.run(model, pseudo, Params(state.params), state, num_units=num_units,
+                         chunk_units=chunk_units, mode="grad", dtype=dtype, key=key)
+        assert out.grad_sums is not None  # mode="grad" always returns the gradient sums
+        grads = jax.tree_util.tree_map(lambda g: g[0] / jnp.asarray(num_units, g.dtype),
+                                       out.grad_sums.theta)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = RelaxState(optax.apply_updates(state.params, updates), opt_state)
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+
+    return learn
+
+
+def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
+    def bind(target):
+        categorical_logits_struct(target, f"{name}()")
+        draw = jax.tree_util.tree_leaves(target.x_struct)[0].dtype
+
+        def unit(model, params, draws, state):
+            omega = state.params if learn else init_params(params.theta)
+            term, fb = _unit_term(model, params, draws, cv, omega, draw)
+            return UnitOut(term[None], sg_(fb)[None])
+
+        return Plan(unit, f_input=f_input, learn=_learn_fn(cv, optimizer) if learn else None,
+                    max_order=1)
+
+    def init(theta):
+        if not learn:
+            return ()
+        p = init_params(theta)
+        return RelaxState(p, optimizer.init(p))
+
+    return Estimator(name, init, bind, no_update)
+
+
+_COMMON = r"""
+    * **Bias**: unbiased for every temperature, :math:`\eta` and control-variate parameters
+      (tested statistically against the exact gradient).
+    * **Needs from f**: defined and differentiable on the simplex: f receives float arrays of
+      theta's shape ``(..., K)``, one-hot for the exact draw, ``softmax(z / lambda)`` for the
+      control variate.
+    * **Needs from the family**: ``family.capabilities.categorical_logits`` (built-in
+      :func:`scoregrad.families.categorical` or adapted ones); others raise ``TypeError``
+      naming it.
+    * **Derivative order**: first order only (``max_order=1``): ``jax.hessian`` of
+      :func:`scoregrad.expectation` raises ``ValueError``.
+    * **Cost**: 3 evaluations of f per draw (at b, and the control variate at z and z~), counted
+      as one sample; the learning step re-runs the draws with second-order autodiff.
+"""
+
+
+def categorical_rebar(temperature: float = 0.5, eta: float = 1.0, *, learn: bool = False,
+                      optimizer: Optional[optax.GradientTransformation] = None) -> Estimator:
+    r"""Categorical REBAR: control variate :math:`\eta\, f(\mathrm{softmax}(z/\lambda))`.
+
+    With ``learn=False`` (default) :math:`\eta` and :math:`\lambda` are fixed and the estimator
+    is stateless; with ``learn=True`` they are trained (``state = est.init(theta)``).
+    {common}
+    Args:
+      temperature: initial (or fixed) :math:`\lambda > 0`.
+      eta: initial (or fixed) control-variate scale.
+      learn: train :math:`(\eta, \log\lambda)` after every estimate.
+      optimizer: optax optimizer of the learning step (default ``optax.adam(1e-2)``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import scoregrad as sg
+      >>> f = lambda y: jnp.sum(y * jnp.arange(3.0))  # one-hot input
+      >>> r = sg.estimate_grad(f, sg.families.categorical(), jnp.zeros(3), jax.random.key(0),
+      ...                      num_samples=100, estimator=sg.categorical_rebar(0.5, 1.0))
+      >>> r.grad.shape
+      (3,)
+
+    References:
+      Tucker et al., NeurIPS 2017.
+    """
+    lam = check_temperature(temperature, "categorical_rebar")
+    eta = _real(eta, "eta", "categorical_rebar")
+    if not isinstance(learn, bool):
+        raise TypeError(f"categorical_rebar: `learn` must be True or False; got {learn!r}.")
+    optimizer = _check_optimizer(optimizer, "categorical_rebar")
+
+    def init_params(theta):
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(theta))
+        return {"eta": jnp.asarray(eta, dtype), "log_temperature": jnp.asarray(math.log(lam), dtype)}
+
+    return _estimator("categorical_rebar", rebar_cv, init_params, optimizer, learn)
+
+
+def categorical_relax(*, temperature: float = 0.5, hidden: int = 16, seed: int = 0,
+                      optimizer: Optional[optax.GradientTransformation] = None) -> Estimator:
+    r"""Categorical RELAX: REBAR's control variate plus a learned one-hidden-layer network.
+
+    :math:`c(z) = \eta f(y) + \mathrm{MLP}_\rho(y)`, :math:`y = \mathrm{softmax}(z/\lambda)`,
+    with all of :math:`(\eta, \lambda, \rho)` trained after every estimate (always stateful:
+    ``state = est.init(theta)``); the output layer starts at zero, so training starts at REBAR.
+    {common}
+    Args:
+      temperature: initial :math:`\lambda`.
+      hidden: hidden units of the network.
+      seed: seeds the network's initial weights (deterministic).
+      optimizer: optax optimizer of the learning step (default ``optax.adam(1e-2)``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import scoregrad as sg
+      >>> est, theta = sg.categorical_relax(), jnp.zeros((2, 3))
+      >>> r = sg.estimate_grad(lambda y: jnp.sum(y[:, 0]), sg.families.categorical(), theta,
+      ...                      jax.random.key(0), num_samples=64, estimator=est,
+      ...                      state=est.init(theta))
+      >>> r.grad.shape
+      (2, 3)
+
+    References:
+      Grathwohl et al., ICLR 2018.
+    """
+    lam = check_temperature(temperature, "categorical_relax")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"categorical_relax: `hidden` must be a positive int; got {hidden!r}.")
+    optimizer = _check_optimizer(optimizer, "categorical_relax")
+
+    def init_params(theta):
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(theta))
+        d = int(sum(jnp.size(t) for t in jax.tree_util.tree_leaves(theta)))
+        w1 = jax.random.normal(jax.random.key(seed), (d, hidden), dtype) / math.sqrt(d)
+        mlp = {"w1": w1, "b1": jnp.zeros(hidden, dtype), "w2": jnp.zeros(hidden, dtype),
+               "b2": jnp.zeros((), dtype)}
+        return {"eta": jnp.ones((), dtype), "log_temperature": jnp.asarray(math.log(lam), dtype),
+                "mlp": mlp}
+
+    return _estimator("categorical_relax", mlp_cv, init_params, optimizer, True)
+
+
+if categorical_rebar.__doc__:  # None under python -OO
+    categorical_rebar.__doc__ = categorical_rebar.__doc__.replace("{common}", _COMMON)
+if categorical_relax.__doc__:  # None under python -OO
+    categorical_relax.__doc__ = categorical_relax.__doc__.replace("{common}", _COMMON)
