@@ -82,7 +82,7 @@ def report(jobs: int = 2) -> str:
         f"on-policy; float64; multisets of K completions per prompt enumerated exactly "
         f"(K = 8: 319 770 per prompt). ‖∇J‖ = {norm:.4f} (J = mean over prompts of E[R]); rows "
         f"with a KL penalty (beta = {lm.TABLE_ROWS[-1].options['kl_coef']}) are compared with "
-        f"∇(J - beta KL(p || p_ref)). scale = ⟨E ĝ, ∇J⟩ / ‖∇J‖²; verdict: unbiased "
+        f"∇(J - beta KL(p || p_ref)); in the columns ∇J is the row's target. scale = ⟨E ĝ, ∇J⟩ / ‖∇J‖²; verdict: unbiased "
         f"(relative bias < 1e-10), scaled (cosine 1 to 1e-10: unbiased up to that constant "
         f"factor) or biased.\n\n")
     return head + lm.markdown(cells) + "\n"
