@@ -13,8 +13,10 @@ from scoregrad._src.programs_baselines import (
     none,
     value_function,
 )
+from scoregrad._src.programs_ipd import IPD_COSTS, iterated_prisoners_dilemma
 
 __all__ = [
+    "IPD_COSTS",
     "LearnedState",
     "MovingAverageState",
     "Program",
@@ -22,6 +24,7 @@ __all__ = [
     "Steps",
     "causal",
     "cost_to_go",
+    "iterated_prisoners_dilemma",
     "leave_one_out",
     "moving_average",
     "none",
