@@ -246,6 +246,42 @@ def test_estimators_with_a_unit_run_at_the_nearest_multiple():
     assert {"measure_valued", "qmc64[pathwise]", "qmc64[score_function]"} <= ran
 
 
+def test_default_suite_runs_every_registered_estimator_and_stays_small():
+    # The default run must fit in 3 minutes on 2 cores (README): nearly all of it is compiling one
+    # program per cell, so the number of cells is its cost. Every estimator runs somewhere.
+    suite = runner.SUITES["default"]
+    planned, _ = runner.plan(suite.problems, registry.estimator_names(), suite.samples)
+    assert {entry.name for _, entry, _ in planned} == set(registry.estimator_names())
+    assert len(planned) <= 110 and len(suite.samples) >= 2
+    extended = runner.SUITES["extended"]
+    assert set(suite.problems) <= set(extended.problems)
+
+
+def test_suite_compiles_in_threads_and_gives_the_statistics_of_single_cells():
+    p = problems.get_problem("bernoulli_t0.45")
+    entries = [registry.get_estimator(n) for n in ("score_function+ema", "disarm")]
+    planned = [(p, e, 8) for e in entries]
+    suite = runner.run_suite(planned, 4, jnp.float32, threads=2)
+    single = [runner.run_cell(p, e, 8, 4, jnp.float32) for e in entries]
+    runner.rank(single)
+    for a, b in zip(suite, single):
+        assert a["status"] == b["status"] == "ok", (a.get("reason"), b.get("reason"))
+        for k in ("bias_t_max", "variance", "stderr_ratio", "var_x_n", "rank"):
+            assert a[k] == b[k], k
+        assert a["seconds_compile"] > 0
+    summary = runner.compile_summary(suite)
+    assert summary["compile_seconds_median"] > summary["estimate_seconds_median"] > 0
+    assert runner.PHASES["threads"] == 2 and runner.PHASES["compile"] > 0
+
+
+def test_full_flag_is_the_full_suite(tmp_path, capsys):
+    args = cli.build_parser().parse_args(["bench", "--full"])
+    assert cli._suite_name(args) == "full"
+    assert cli._suite_name(cli.build_parser().parse_args(["bench"])) == "default"
+    assert cli.main(["bench", "--full", "--suite", "quick", "--out", str(tmp_path)]) == 2
+    assert "contradicts --suite quick" in capsys.readouterr().err
+
+
 def test_qmc_cell_runs_and_reports_the_n_used():
     p = problems.get_problem("gauss_square_d1")
     cell = runner.run_cell(p, registry.get_estimator("qmc64[pathwise]"), 100, 4, jnp.float32)
@@ -284,6 +320,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         "ok": 6, "skipped": 0, "error": 0}
     assert "6 cells in" in printed and "2 plots" in printed
     assert res["summary"]["wall_seconds"] > 0
+    assert res["summary"]["compile_seconds_median"] > res["summary"]["estimate_seconds_median"]
     assert [(s["problem"], s["estimator"]) for s in res["not_applicable"]] == [
         ("bernoulli_t0.45", "pathwise")]
     for cell in res["cells"]:
@@ -346,9 +383,7 @@ def test_list(capsys):
 
 def test_unusable_budgets_are_skipped_and_failures_recorded(tmp_path, monkeypatch, capsys):
     p = problems.get_problem("bernoulli_t0.45")
-    pairs = registry.EstimatorEntry(
-        "pairs", lambda problem: registry.get_estimator("score_function").factory(problem)
-        ._replace(draws_per_unit=2))
+    pairs = registry.get_estimator("arm")  # coupled pairs: runs at an even N
     cell = runner.run_cell(p, pairs, 7, 4, jnp.float32)
     assert cell["status"] == "ok" and (cell["budget"], cell["num_samples"]) == (7, 8)
 

@@ -53,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "work-normalized variance of every applicable estimator on problems with "
                     "exact gradients, and recommend one per problem and budget. Writes "
                     "results.json, PNG plots, report.md and report.html to --out.")
-    b.add_argument("--suite", choices=sorted(_runner.SUITES), default="default",
-                   help="problem set, sample budgets and replicates (default: %(default)s)")
+    b.add_argument("--suite", choices=sorted(_runner.SUITES), default=None,
+                   help="problem set, sample budgets and replicates (default: default, about "
+                        "3 minutes on 2 cores; extended: about 15; full: every problem)")
+    b.add_argument("--full", action="store_true",
+                   help="the complete grid: every problem, N = 10 ... 10^4, R = 200 "
+                        "(same as --suite full)")
     b.add_argument("--problems", nargs="+", metavar="NAME",
                    help="problem names, or globs with * and ? (default: the suite's); see --list")
     b.add_argument("--estimators", nargs="+", metavar="NAME",
@@ -96,8 +100,15 @@ def _device(kind: str):
     return devices[0]
 
 
+def _suite_name(args) -> str:
+    if args.full and args.suite not in (None, "full"):
+        raise _UsageError(f"--full is --suite full; it contradicts --suite {args.suite}.")
+    return "full" if args.full else (args.suite or "default")
+
+
 def _settings(args) -> dict:
-    suite = _runner.SUITES[args.suite]
+    name = _suite_name(args)
+    suite = _runner.SUITES[name]
     names = _problems.problem_names()
     try:
         probs = _problems.select(list(args.problems or suite.problems), names, "problem")
@@ -109,7 +120,7 @@ def _settings(args) -> dict:
     if replicates < 2:
         raise _UsageError(f"--replicates must be >= 2 (variance needs two); got {replicates}.")
     return {
-        "suite": args.suite, "problems": probs, "estimators": ests,
+        "suite": name, "problems": probs, "estimators": ests,
         "samples": sorted(set(args.samples or suite.samples)), "replicates": replicates,
         "device": args.device, "dtype": "float64" if args.x64 else "float32",
         "root_seed": _runner.ROOT_SEED, "out": str(args.out),
@@ -191,7 +202,11 @@ def _bench(args) -> int:
         cells = _runner.run_suite(planned, settings["replicates"], dtype, progress)
     payload = _payload(settings, cells, skipped)
     payload["summary"].update(wall_seconds=round(time.perf_counter() - wall, 1),
-                              cpu_seconds=round(time.process_time() - cpu, 1))
+                              cpu_seconds=round(time.process_time() - cpu, 1),
+                              compile_threads=_runner.PHASES.get("threads"),
+                              compile_phase_seconds=round(_runner.PHASES.get("compile", 0), 1),
+                              measure_phase_seconds=round(_runner.PHASES.get("measure", 0), 1),
+                              **_runner.compile_summary(cells))
     _report.write_json(out, payload)
     names = plots.write_plots(cells, out)
     _report.write_report(out, payload, names)

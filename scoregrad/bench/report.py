@@ -296,6 +296,19 @@ def _not_applicable(skipped: list[dict]) -> list[str]:
             for e, probs in by_est.items()]
 
 
+def _compile_line(summary: dict) -> list[str]:
+    """Where the time went: compiling each cell's program once vs running it jitted."""
+    if summary.get("compile_seconds_median") is None:
+        return []
+    comp, run = summary["compile_seconds_median"], summary["estimate_seconds_median"]
+    return [f"- compile vs run: tracing and compiling a cell's program took a median "
+            f"{comp:.3g} s ({summary.get('compile_threads', '?')} compile threads; compile phase "
+            f"{summary.get('compile_phase_seconds', '?')} s, measure phase "
+            f"{summary.get('measure_phase_seconds', '?')} s); one jitted estimate a median "
+            f"{_time(run)}, {comp / run:,.0f}× less: compiling is paid once per program under "
+            "`jax.jit`, and by any call that traces again."]
+
+
 def report_markdown(payload: dict, plots: list[str]) -> str:
     """report.md: the recommendation, the plots, then settings, the tables and the rest."""
     from scoregrad.bench import stats
@@ -322,7 +335,8 @@ def report_markdown(payload: dict, plots: list[str]) -> str:
         f"- machine: {meta['machine']['platform']}, {meta['machine']['cpu_count']} CPUs, "
         f"devices {meta['machine']['devices']}; {meta['timestamp']}",
         f"- cells: {summary.get('ok', 0)} ok, {summary.get('error', 0)} failed; "
-        f"{summary.get('wall_seconds', '?')} s wall, {summary.get('cpu_seconds', '?')} s CPU", "",
+        f"{summary.get('wall_seconds', '?')} s wall, {summary.get('cpu_seconds', '?')} s CPU",
+        *_compile_line(summary), "",
         "## Results", "",
         LEGEND.format(alpha=stats.ALPHA, inv_alpha=1 / stats.ALPHA),
         markdown_table(payload["cells"]),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import math
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -24,6 +27,10 @@ ROOT_SEED = 20240611
 MIN_TIMINGS = 3
 
 
+#: Wall seconds of the last :func:`run_suite`'s two phases, and its compile threads.
+PHASES: dict = {}
+
+
 class Suite(NamedTuple):
     """A named benchmark configuration."""
 
@@ -34,7 +41,22 @@ class Suite(NamedTuple):
 
 SUITES = {
     "quick": Suite(("gauss_square_d1", "bernoulli_t0.45", "categorical_k10"), (16, 64), 16),
+    # The default run (the README's command) fits in 3 minutes on 2 CPU cores. Nearly all of a
+    # suite's time is XLA compiling one program per cell (1-5 s each; 15 s for the QMC ones), so
+    # the default has one problem per application, at a small and a large budget: a VI ELBO
+    # (normal family: pathwise, measure-valued, QMC, antithetic, delta method), a Bernoulli and a
+    # categorical toy (ARM, DisARM, REBAR, RELAX, relaxations, IndeCateR, enumeration), an
+    # option with and one without a pathwise derivative, a bandit. Every registered estimator
+    # runs in at least one of its cells.
     "default": Suite(
+        ("blr_elbo", "bernoulli_t0.499", "categorical_k10", "bs_call", "bs_digital",
+         "bandit_k10"),
+        (10, 1000),
+        100,
+    ),
+    # The former default: adds the three d = 10 Gaussian closed forms and N = 100 (about 15
+    # minutes on 2 cores).
+    "extended": Suite(
         ("gauss_square_d10", "gauss_exp_d10", "gauss_cos_d10", "bernoulli_t0.499",
          "categorical_k10", "bs_call", "bs_digital", "blr_elbo", "bandit_k10"),
         (10, 100, 1000),
@@ -64,7 +86,9 @@ def _num_batches(replicates: int) -> int:
 
 
 def _program(problem, est, theta, n):
-    """One compiled program: ``(state, keys) -> (grads, stderrs, new states)`` over a batch."""
+    """One jitted program: ``(state, keys) -> (grads, stderrs, new states)`` over a batch of
+    replicate keys (``lax.map``: one estimate after another, so a batch's time is R estimates'
+    time, and R never multiplies the compile time)."""
 
     def one(k, state):
         r = sg.estimate_grad(problem.f, problem.family, theta, k, num_samples=n, estimator=est,
@@ -74,29 +98,95 @@ def _program(problem, est, theta, n):
     return jax.jit(lambda state, ks: jax.lax.map(lambda k: one(k, state), ks))
 
 
-def _warm_state(fn, est, theta, warmup: int, keys):
-    """The state after ``warmup`` estimates threaded in sequence (stateful estimators only)."""
-    state = est.init(theta)
-    if est.stateful:
-        for b in range(warmup):
-            _, _, new = fn(state, keys[b])
-            state = jax.tree_util.tree_map(lambda a: a[0], new)
-    return state
+def _strong(tree):
+    """``tree`` with every leaf a strongly typed array (the warmed-up state an estimate returns
+    is strongly typed; the initial state must lower to the same program)."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.asarray(a).dtype), tree)
 
 
-def _replicates(problem, est, theta, n, keys, warmup_key, warmup: int):
-    """Runs the replicates in equal batches of one compiled program; returns (g, s, seconds).
+def _units(est, problem) -> tuple[int, int]:
+    """``(draws_per_unit, min_units)`` of ``est`` on ``problem``."""
+    bind = getattr(sg, "bind", None)  # estimators bind to the family and theta themselves
+    bound = bind(est, problem.family, problem.theta) if bind is not None else est
+    return int(bound.draws_per_unit), int(bound.min_units)
 
-    A stateful estimator is first warmed up; every replicate starts from the warmed state.
-    ``seconds`` holds one time per estimate for each batch (and for re-runs of the first batch
-    when there are fewer than :data:`MIN_TIMINGS` batches), so the spread of timings is known.
+
+class _Job(NamedTuple):
+    """A cell ready to compile and measure (see :func:`_prepare`)."""
+
+    cell: dict
+    problem: Any
+    lowered: Any  # jax.stages.Lowered of :func:`_program`
+    state: Any  # initial estimator state, strongly typed
+    keys: jax.Array  # (batches, R / batches) replicate keys
+    warmup_keys: jax.Array  # (warmup batches, R / batches)
+    warmup: int
+    eps: float
+    seconds_lower: float
+
+
+def _prepare(problem, entry, num_samples: int, replicates: int, dtype) -> tuple[dict, _Job | None]:
+    """The cell's record and, unless building it failed, its lowered (traced) program.
+
+    ``budget`` is the requested number of evaluations of f; ``num_samples`` the number used,
+    :func:`usable_budget` (an estimator that draws in units of several samples runs at the
+    nearest multiple). The key depends on the problem and the budget only (common random
+    numbers across estimators). Tracing uses the calling thread's JAX configuration (x64,
+    default device), so it runs in the caller; only XLA compilation goes to worker threads.
     """
-    batches = _num_batches(keys.shape[0])
-    kb = keys.reshape((batches, -1))
-    fn = _program(problem, est, theta, n)
-    wk = jax.random.split(warmup_key, max(warmup, 1) * kb.shape[1]).reshape(-1, kb.shape[1])
-    state = _warm_state(fn, est, theta, warmup, wk)
-    jax.block_until_ready(fn(state, kb[0]))  # compile + warm-up
+    cell = {"problem": problem.name, "estimator": entry.name, "budget": int(num_samples),
+            "num_samples": int(num_samples), "replicates": int(replicates),
+            "unbiased_by_design": entry.unbiased}
+    t0 = time.perf_counter()
+    try:
+        est = entry.factory(problem)
+        n = usable_budget(num_samples, *_units(est, problem))
+        cell["num_samples"] = n
+        theta = _cast(problem.theta, dtype)
+        key = cell_key(problem.name, num_samples)
+        keys = jax.random.split(key, replicates)
+        batches = _num_batches(replicates)
+        kb = keys.reshape((batches, -1))
+        warmup = entry.warmup_batches
+        wk = jax.random.split(jax.random.fold_in(key, 1_000_000),
+                              max(warmup, 1) * kb.shape[1]).reshape(-1, kb.shape[1])
+        state = _strong(est.init(theta))
+        lowered = _program(problem, est, theta, n).lower(state, kb[0])
+    except Exception as err:  # noqa: BLE001 - a failing cell must not stop the suite
+        return {**cell, "status": "error", "reason": f"{type(err).__name__}: {err}"}, None
+    job = _Job(cell, problem, lowered, state, kb, wk, warmup, float(jnp.finfo(dtype).eps),
+               time.perf_counter() - t0)
+    return cell, job
+
+
+def _compile(lowered) -> tuple[Any, float]:
+    """XLA compilation of a lowered program (releases the GIL: runs in a worker thread)."""
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _like(tree, ref):
+    """``tree`` cast leaf by leaf to the dtypes of ``ref`` (the compiled program's inputs)."""
+    return jax.tree_util.tree_map(lambda a, r: jnp.asarray(a, r.dtype), tree, ref)
+
+
+def _replicates(fn, job: _Job):
+    """Runs the replicates in equal batches of the compiled program ``fn``; returns
+    ``(g, s, seconds)``.
+
+    A stateful estimator is first warmed up on ``job.warmup`` batches (its state threaded in
+    sequence); every replicate starts from the warmed state. ``seconds`` holds one time per
+    estimate for each batch (and for re-runs of the first batch when there are fewer than
+    :data:`MIN_TIMINGS` batches), so the spread of timings is known.
+    """
+    kb, state = job.keys, job.state
+    if jax.tree_util.tree_leaves(state):  # stateful
+        for b in range(job.warmup):
+            _, _, new = fn(state, job.warmup_keys[b])
+            state = _like(jax.tree_util.tree_map(lambda a: a[0], new), job.state)
+    jax.block_until_ready(fn(state, kb[0]))  # warm-up
+    batches = kb.shape[0]
     gs, ss, secs = [], [], []
     for b in range(max(batches, MIN_TIMINGS)):
         t0 = time.perf_counter()
@@ -106,6 +196,18 @@ def _replicates(problem, est, theta, n, keys, warmup_key, warmup: int):
             gs.append(np.asarray(g, np.float64))
             ss.append(np.asarray(s, np.float64))
     return np.concatenate(gs), np.concatenate(ss), secs
+
+
+def _measure(job: _Job, compiled: Callable, seconds_compile: float) -> dict:
+    """Runs a compiled cell and summarizes it; a cell that raises is recorded as an error."""
+    cell = {**job.cell, "seconds_compile": _finite(job.seconds_lower + seconds_compile)}
+    try:
+        g, s, secs = _replicates(compiled, job)
+        stats = summarize(g, s, _problems.flat(job.problem.exact_grad), secs, job.eps,
+                          cell["num_samples"])
+    except Exception as err:  # noqa: BLE001 - a failing cell must not stop the suite
+        return {**cell, "status": "error", "reason": f"{type(err).__name__}: {err}"}
+    return {**cell, "status": "ok", **stats}
 
 
 def _finite(x: SupportsFloat) -> float | None:
@@ -163,27 +265,17 @@ def run_cell(problem, entry, num_samples: int, replicates: int, dtype) -> dict:
     """Measures one cell; returns a dict with ``status`` "ok" or "error".
 
     ``budget`` is the requested number of evaluations of f; ``num_samples`` the number used,
-    :func:`usable_budget` (an estimator that draws in units of several samples runs at the
-    nearest multiple). The key depends on the problem and the budget only (common random
-    numbers across estimators).
+    :func:`usable_budget`. ``seconds_compile`` is the time to trace and compile the cell's
+    program once (what an un-jitted call of ``estimate_grad`` pays on every call).
     """
-    cell = {"problem": problem.name, "estimator": entry.name, "budget": int(num_samples),
-            "num_samples": int(num_samples), "replicates": int(replicates),
-            "unbiased_by_design": entry.unbiased}
+    cell, job = _prepare(problem, entry, num_samples, replicates, dtype)
+    if job is None:
+        return cell
     try:
-        est = entry.factory(problem)
-        n = usable_budget(num_samples, est.draws_per_unit, est.min_units)
-        cell["num_samples"] = n
-        theta = _cast(problem.theta, dtype)
-        key = cell_key(problem.name, num_samples)
-        keys = jax.random.split(key, replicates)
-        warmup_key = jax.random.fold_in(key, 1_000_000)
-        g, s, secs = _replicates(problem, est, theta, n, keys, warmup_key, entry.warmup_batches)
-        stats = summarize(g, s, _problems.flat(problem.exact_grad), secs,
-                          float(jnp.finfo(dtype).eps), n)
-        return {**cell, "status": "ok", **stats}
+        compiled, seconds = _compile(job.lowered)
     except Exception as err:  # noqa: BLE001 - a failing cell must not stop the suite
         return {**cell, "status": "error", "reason": f"{type(err).__name__}: {err}"}
+    return _measure(job, compiled, seconds)
 
 
 def plan(problem_names, estimator_names, samples) -> tuple[list, list]:
@@ -203,19 +295,79 @@ def plan(problem_names, estimator_names, samples) -> tuple[list, list]:
     return cells, skipped
 
 
+def compile_summary(results: list[dict]) -> dict:
+    """Median seconds to trace and compile one cell's program and median seconds per jitted
+    estimate, over the measured cells: the first is what an un-jitted ``estimate_grad`` call
+    pays every time (it traces and compiles), the second what a jitted one pays."""
+    comp = [c["seconds_compile"] for c in results
+            if c["status"] == "ok" and c.get("seconds_compile") is not None]
+    run = [c["seconds"] for c in results if c["status"] == "ok" and c.get("seconds") is not None]
+    if not comp or not run:
+        return {}
+    return {"compile_seconds_median": _finite(np.median(comp)),
+            "compile_seconds_total": _finite(np.sum(comp)),
+            "estimate_seconds_median": _finite(np.median(run))}
+
+
 def rank(results: list[dict]) -> None:
     """Ranks within each (problem, budget) by variance × evaluations of f, ties shared
     (:func:`scoregrad.bench.stats.rank`); never by timings."""
     _stats.rank(results)
 
 
-def run_suite(cells, replicates: int, dtype, progress: Callable = lambda it, **kw: it) -> list:
-    """Runs the planned ``cells`` (from :func:`plan`), returns one dict per cell, ranked."""
+def workers() -> int:
+    """Threads that compile cells in parallel: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def run_suite(cells, replicates: int, dtype, progress: Callable = lambda it, **kw: it,
+              threads: int | None = None) -> list:
+    """Runs the planned ``cells`` (from :func:`plan`), returns one dict per cell, ranked.
+
+    Two phases. **Compile**: each cell's program is traced here (in order) and compiled by XLA
+    in ``threads`` worker threads (default :func:`workers`), which is where nearly all the time
+    of a suite goes (a cell's program compiles in seconds and runs in milliseconds).
+    **Measure**: the compiled cells run one after another on an otherwise idle process, so
+    compilation never overlaps a timing.
+    """
+    threads = threads or workers()
+    t0 = time.perf_counter()
+    prepared: list[tuple[dict, _Job | None, Any]] = []
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="bench-compile") as pool:
+        in_flight: collections.deque = collections.deque()
+        bar = progress(cells, total=len(cells), unit="cell", desc="compile")
+        for problem, entry, n in bar:
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(f"{problem.name} | {entry.name} | N={n}")
+            cell, job = _prepare(problem, entry, n, replicates, dtype)
+            future = pool.submit(_compile, job.lowered) if job is not None else None
+            prepared.append((cell, job, future))
+            if future is not None:
+                in_flight.append(future)
+            while len(in_flight) > 2 * threads:  # keep the bar close to the compiles done
+                concurrent.futures.wait([in_flight.popleft()])
+        concurrent.futures.wait(in_flight)
+    t1 = time.perf_counter()
     results = []
-    bar = progress(cells, total=len(cells), unit="cell")
-    for problem, entry, n in bar:
+    bar = progress(range(len(prepared)), total=len(prepared), unit="cell", desc="measure")
+    for i in bar:
+        cell, job, future = prepared[i]
+        prepared[i] = (cell, None, None)  # the compiled program is freed once measured
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{problem.name} | {entry.name} | N={n}")
-        results.append(run_cell(problem, entry, n, replicates, dtype))
+            bar.set_postfix_str(f"{cell['problem']} | {cell['estimator']} | N={cell['budget']}")
+        if job is None:
+            results.append(cell)
+            continue
+        try:
+            compiled, seconds = future.result()
+        except Exception as err:  # noqa: BLE001 - a failing cell must not stop the suite
+            results.append({**cell, "status": "error",
+                            "reason": f"{type(err).__name__}: {err}"})
+            continue
+        results.append(_measure(job, compiled, seconds))
+    PHASES.update(compile=t1 - t0, measure=time.perf_counter() - t1, threads=threads)
     rank(results)
     return results
