@@ -1,6 +1,6 @@
 """scoregrad: Monte Carlo gradient estimation in JAX."""
 
-from scoregrad import baselines, control_variates, families, importance, sampling
+from scoregrad import baselines, control_variates, families, importance, lm_rl, sampling
 from scoregrad._src.adaptive import AdaptiveEstimate, estimate_grad_adaptive
 from scoregrad._src.api import (
     GradEstimate,
@@ -64,6 +64,7 @@ __all__ = [
     "gumbel_softmax",
     "importance",
     "indecater",
+    "lm_rl",
     "magic_box",
     "measure_valued",
     "pathwise",

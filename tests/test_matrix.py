@@ -697,15 +697,36 @@ def test_issue14_2_cv_on_rebar_exact_gumbel_refused(coefficient):
                          num_samples=64, estimator=g)
 
 
-@pytest.mark.parametrize("inner", [lambda: sg.gumbel_softmax(0.5), lambda: sg.rebar(learn=False)],
-                         ids=["gumbel_softmax", "rebar"])
-def test_issue14_3_antithetic_own_noise_refused(inner):
-    """antithetic(gumbel_softmax) / antithetic(rebar): the design cannot reach their own noise;
-    refused at trace time naming the estimator (the design would otherwise be a silent no-op)."""
+@pytest.mark.parametrize("inner", [lambda: sg.gumbel_softmax(0.5), lambda: sg.rebar(learn=False),
+                                   lambda: sg.straight_through_gumbel(0.5), sg.arm],
+                         ids=["gumbel_softmax", "rebar", "st_gumbel", "arm"])
+def test_issue14_3_antithetic_reaches_own_noise(inner):
+    """antithetic(gumbel_softmax) / antithetic(rebar) / ARM: the design reaches the estimator's
+    own noise through its Draws (it was a silent no-op, then refused). At theta = 0 the
+    antithetic copy of logistic noise L is -L, so the relaxed or hard sample of the copy is
+    1 - y: with f = sum(y) every pair sums to exactly D, and the mean of f is exactly D/2 for
+    any N (with independent noise it is not)."""
     est = inner()
-    with pytest.raises(TypeError, match=est.name.split("(")[0]):
-        sg.estimate_grad(_bern2_f, sg.families.bernoulli(), BERN2, jax.random.key(0),
-                         num_samples=64, estimator=sg.sampling.antithetic(est))
+    th = jnp.zeros(2, jnp.float32)
+    f = lambda y: jnp.sum(y)  # noqa: E731
+    r = sg.estimate_grad(f, sg.families.bernoulli(), th, jax.random.key(0), num_samples=64,
+                         estimator=sg.sampling.antithetic(est))
+    np.testing.assert_allclose(r.value, 1.0, rtol=1e-6)
+    if est.name != "arm":  # ARM's own pair is already antithetic
+        plain = [float(sg.estimate_grad(f, sg.families.bernoulli(), th, jax.random.key(k),
+                                        num_samples=64, estimator=est).value) for k in range(3)]
+        assert max(abs(v - 1.0) for v in plain) > 1e-3, plain
+
+
+@pytest.mark.statistical
+def test_issue14_3_antithetic_rebar_unbiased(x64):
+    """The design keeps REBAR unbiased (each copy's noise is exactly logistic/uniform)."""
+    th = jnp.asarray(BERN2, jnp.float64)
+    est = sg.sampling.antithetic(sg.rebar(learn=False))
+    r = sg.estimate_grad(_bern2_f, sg.families.bernoulli(), th, jax.random.key(5),
+                         num_samples=20000, estimator=est)
+    su.assert_unbiased(r.grad, r.stderr, _bern2_exact(), atol=1e-9, what="antithetic[rebar]")
+    su.assert_rejects(r.grad, r.stderr, 0.8 * _bern2_exact(), what="antithetic[rebar] power")
 
 
 def test_issue14_4_optimal_baseline_devices_honoured_or_refused():

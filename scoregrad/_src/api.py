@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import engine, fitted, policy, problem
+from scoregrad._src import chains, engine, fitted, policy, problem
 from scoregrad._src.base import Estimator, FStats
 from scoregrad._src.family import Family
 from scoregrad._src.problem import Problem
@@ -57,11 +57,16 @@ def _closures_not_differentiable(prob: Problem, where: str) -> Problem:
         sample=policy.refuse_derivatives(p.sample, msg)))
 
 
-def _estimate(prob: Problem, state, where: str, samples=None) -> GradEstimate:
-    """Run in mode "diag" (per-unit gradients to moments) and summarize, cross-fitted or not."""
+def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> GradEstimate:
+    """Run in mode "diag" (per-unit gradients to moments) and summarize, cross-fitted or not;
+    with ``batches``, standard errors from batch means (correlated draws, :mod:`chains`)."""
     prob = _closures_not_differentiable(prob, where)
     est = prob.est
-    if fitted.routed(est):
+    value_se = None
+    if batches is not None:
+        shifted, ref = problem.shifted(prob, prob.params, None, samples)
+        grad, var, stderr, fs, mom, value_se = chains.estimate(shifted, state, samples, batches)
+    elif fitted.routed(est):
         # Given samples offer no draw independent of the folds to centre on: the regularized
         # fit is exactly shift-invariant only away from degenerate folds.
         shifted, ref = (problem.shifted(prob, prob.params, prob.key) if samples is None
@@ -88,13 +93,14 @@ def _estimate(prob: Problem, state, where: str, samples=None) -> GradEstimate:
         none_kept = mom.count < 1
         grad = jax.tree_util.tree_map(lambda g: jnp.where(none_kept, jnp.nan, g), grad)
         fs = fs._replace(mean=jnp.where(none_kept, jnp.nan, fs.mean))
-    return summarize(
+    res = summarize(
         fs=fs._replace(mean=_value_with_gradient(policy.guard(fs.mean, fs), grad, prob)),
         grad=grad,
         variance=var, n_units=mom.count, num_samples=prob.num_units * est.draws_per_unit,
         state=est.update(state, fs), plain_variance=plain,
         stderr=None if stderr is None else policy.guard_tree(stderr, fs),
     )
+    return res if value_se is None else res._replace(value_stderr=value_se)
 
 
 def _value_with_gradient(value, grad, prob: Problem):
@@ -190,12 +196,24 @@ def estimate_grad_from_samples(
     state: Any = None,
     chunk_size: Optional[int] = None,
     nan_policy: str = "raise",
+    correlation: Optional[str] = None,
+    num_batches: Optional[int] = None,
 ) -> GradEstimate:
     r"""Like :func:`estimate_grad`, for draws you already have (e.g. environment rollouts).
 
     ``samples`` is a pytree whose leaves have a leading axis of length N (the draws, assumed to be
-    i.i.d. from ``p(x; theta)``). Only estimators that do not re-draw (score function and its
-    baselines) accept it; pathwise raises ``TypeError``.
+    i.i.d. from ``p(x; theta)`` unless ``correlation`` says otherwise). Only estimators that do
+    not draw noise of their own accept it (score function and its baselines, RLOO/VIMCO with K
+    consecutive samples per group, IndeCateR); pathwise raises ``TypeError``.
+
+    Draws from Markov chains (MCMC, variational Monte Carlo) are correlated, and i.i.d. standard
+    errors are then too small. ``correlation="chains"``: the leaves have leading axes
+    ``(chains, steps)`` (independent chains of equal length, at least 2), and standard errors
+    come from the spread of the per-chain estimates; ``correlation="batch_means"``: one chain
+    (leading axis: steps), standard errors from ``num_batches`` contiguous batch means (default
+    :math:`\lfloor\sqrt N\rfloor`; each batch should be much longer than the autocorrelation
+    time). ``value_stderr`` is computed the same way. The estimate itself is the plain mean
+    (discard burn-in first).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -206,6 +224,10 @@ def estimate_grad_from_samples(
       >>> float(r.grad[0])
       0.25
     """
+    flat = chains.check(correlation, num_batches, samples)
+    batches = None
+    if flat is not None:
+        samples, batches = flat
     leaves = jax.tree_util.tree_leaves(samples)
     if not leaves or any(jnp.ndim(a) < 1 for a in leaves):
         raise ValueError(
@@ -223,7 +245,7 @@ def estimate_grad_from_samples(
     prob = problem.prepare(f, family, theta, None, n, estimator, where, samples,
                            policy=run_policy)
     state = problem.init_state(prob.est, theta, state)
-    return _estimate(prob, state, where, samples)
+    return _estimate(prob, state, where, samples, batches)
 
 
 def _higher_order_message(est) -> str:

@@ -65,6 +65,9 @@ class FStats(NamedTuple):
     m2: jax.Array
     nonfinite: jax.Array
     units: jax.Array  # units counted (all of them, or the finite ones under nan_policy="drop")
+    # The mean of each of a unit's f values over the units, shape (m,): per step of a
+    # sequential program (per-step baselines), per draw of a group.
+    per: Any = None
 
 
 class UnitOut(NamedTuple):

@@ -103,13 +103,16 @@ def fstats_of(
         n = jnp.asarray(d.size, dtype)
         dm = jnp.mean(d)
         units = jnp.asarray(per_unit.shape[0], dtype)
-        return FStats(n, c + dm, jnp.sum(jnp.square(d - dm)), nonfinite, units)
+        return FStats(n, c + dm, jnp.sum(jnp.square(d - dm)), nonfinite, units,
+                      c + jnp.mean(d, axis=0))
     kept = f_ok if ok is None else ok & f_ok
     keep = jnp.broadcast_to(kept[:, None], per_unit.shape)
     n = jnp.sum(keep).astype(dtype)
     dm = jnp.sum(jnp.where(keep, d, 0)) / jnp.maximum(n, 1)
     m2 = jnp.sum(jnp.where(keep, jnp.square(d - dm), 0))
-    return FStats(n, c + dm, m2, nonfinite, jnp.sum(kept).astype(dtype))
+    units = jnp.sum(kept).astype(dtype)
+    per = c + jnp.sum(jnp.where(keep, d, 0), axis=0) / jnp.maximum(units, 1)
+    return FStats(n, c + dm, m2, nonfinite, units, per)
 
 
 def _merge_fstats(a: FStats, b: FStats) -> FStats:
@@ -118,7 +121,9 @@ def _merge_fstats(a: FStats, b: FStats) -> FStats:
     safe_n = jnp.where(n > 0, n, 1)
     mean = a.mean + delta * b.count / safe_n
     m2 = a.m2 + b.m2 + delta**2 * a.count * b.count / safe_n
-    return FStats(n, mean, m2, a.nonfinite + b.nonfinite, a.units + b.units)
+    units = a.units + b.units
+    per = a.per + (b.per - a.per) * b.units / jnp.where(units > 0, units, 1)
+    return FStats(n, mean, m2, a.nonfinite + b.nonfinite, units, per)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

@@ -201,7 +201,8 @@ def shifted(prob: Problem, params, key=None, samples=None) -> tuple[Problem, jax
 
 
 def unshift(fs: FStats, ref) -> FStats:
-    return fs._replace(mean=fs.mean + ref.astype(fs.mean.dtype))
+    r = ref.astype(fs.mean.dtype)
+    return fs._replace(mean=fs.mean + r, per=None if fs.per is None else fs.per + r)
 
 
 def kept_units(prob: Problem, fs: FStats):
