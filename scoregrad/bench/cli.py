@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "results.json, PNG plots, report.md and report.html to --out.")
     b.add_argument("--suite", choices=sorted(_runner.SUITES), default=None,
                    help="problem set, sample budgets and replicates (default: default, about "
-                        "3 minutes on 2 cores; extended: about 15; full: every problem)")
+                        "3 minutes on 2 cores; extended: 2.5 times that; full: every problem)")
     b.add_argument("--full", action="store_true",
                    help="the complete grid: every problem, N = 10 ... 10^4, R = 200 "
                         "(same as --suite full)")
