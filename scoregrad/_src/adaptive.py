@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src import engine, policy, problem
+from scoregrad._src import engine, policy, problem, stats
 from scoregrad._src.results import per_unit_variance, summarize
 
 PyTree = Any
@@ -160,7 +160,7 @@ def estimate_grad_adaptive(
     fs = policy.check_nonfinite(prep.policy, fs, where)
     grad, var, se, met = _stats(est, fs, mom, state, target)
     plain = jax.tree_util.tree_map(
-        lambda cm: per_unit_variance(engine.term0_comoment(cm, 0.0, None), mom.count),
+        lambda cm: per_unit_variance(stats.term0_comoment(cm, 0.0, None), mom.count),
         mom.comoment)
     new_state = _learn(prep, est.update(state, fs), k, min_chunks, max_chunks)
     result = summarize(

@@ -9,8 +9,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import chains, engine, fitted, policy, problem
-from scoregrad._src.base import Estimator, FStats
+from scoregrad._src import chains, fitted, policy, problem, stats, surrogate
+from scoregrad._src.base import Estimator
 from scoregrad._src.family import Family
 from scoregrad._src.problem import Problem
 from scoregrad._src.results import GradEstimate, per_unit_variance, summarize
@@ -18,24 +18,6 @@ from scoregrad._src.results import GradEstimate, per_unit_variance, summarize
 PyTree = Any
 __all__ = ["GradEstimate", "estimate_grad", "estimate_grad_from_samples", "expectation",
            "expectation_with_state"]
-
-
-def _check(prob: Problem, fs: FStats, where: str) -> FStats:
-    return policy.check_nonfinite(prob.policy, fs, where)
-
-
-def _run(prob: Problem, params, state, mode, key=None, samples=None):
-    """One engine pass with the problem's policy and f centred (see :func:`problem.shifted`).
-
-    Returns ``(EngineOut, ref)``: the statistics of f are those of ``f - ref``.
-    """
-    prob, ref = problem.shifted(prob, params, key, samples)
-    out = engine.run(
-        prob.model, prob.est, params, state, num_units=prob.num_units,
-        chunk_units=prob.chunk, mode=mode, dtype=prob.dtype, key=key, samples=samples,
-        nan_policy="drop" if prob.nan_policy == "drop" else "propagate", devices=prob.devices,
-    )
-    return out, ref
 
 
 def _weighted(w, c):
@@ -73,7 +55,7 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
                         else (prob, jnp.zeros((), prob.dtype)))
         grad, var, stderr, fs, mom = fitted.estimate(shifted, state, samples)
     else:
-        out, ref = _run(prob, prob.params, state, "diag", key=prob.key, samples=samples)
+        out, ref = surrogate.run(prob, prob.params, state, "diag", key=prob.key, samples=samples)
         fs, mom = out.fstats, out.moments
         assert mom is not None  # mode "diag"
         w = jax.lax.stop_gradient(est.weights(fs, state, problem.kept_units(prob, fs)))
@@ -83,9 +65,9 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
             lambda c: per_unit_variance(_weighted(w.astype(c.dtype), c), mom.count),
             mom.comoment)
         stderr = None
-    fs = _check(prob, fs, where)
+    fs = surrogate.check(prob, fs, where)
     plain = jax.tree_util.tree_map(
-        lambda c: per_unit_variance(engine.term0_comoment(c, ref, est.shift_term), mom.count),
+        lambda c: per_unit_variance(stats.term0_comoment(c, ref, est.shift_term), mom.count),
         mom.comoment)
     fs = problem.unshift(fs, ref)
     grad = policy.guard_tree(grad, fs)
@@ -112,10 +94,6 @@ def _value_with_gradient(value, grad, prob: Problem):
     probe = [jnp.vdot(jax.lax.stop_gradient(g), t - jax.lax.stop_gradient(t)).astype(value.dtype)
              for g, t in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(theta))]
     return value + sum(probe, jnp.zeros((), value.dtype))
-
-
-def _fstats_float(fs: FStats) -> FStats:
-    return fs._replace(nonfinite=fs.nonfinite.astype(fs.mean.dtype))
 
 
 def estimate_grad(
@@ -248,79 +226,6 @@ def estimate_grad_from_samples(
     return _estimate(prob, state, where, samples, batches)
 
 
-def _higher_order_message(est) -> str:
-    return (
-        f"jax.hessian (or any second derivative) of sg.expectation with {est.name} is not "
-        f"estimated: {est.name}'s surrogate is right at first order only (its second derivative "
-        "would be zeros or a partial sum). Use sg.score_function(...) (DiCE, every order, "
-        "baselines included), sg.rloo(k) or sg.pathwise() for Hessians."
-    )
-
-
-def _surrogate(prob: Problem, state) -> tuple[jax.Array, FStats]:
-    """Value = mean f, gradient (any order) = the estimator, via a custom JVP over the engine."""
-    est = prob.est
-    assert prob.key is not None  # expectation* always pass a key (samples=None)
-    impl = jax.random.key_impl(prob.key)
-
-    def run(p, kd, st, mode):
-        out, ref = _run(prob, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl))
-        # The check sits on the pass's own statistics (not on the custom-JVP output), so
-        # nested differentiation does not keep extra passes alive for it.
-        return out._replace(fstats=_check(prob, out.fstats, "expectation")), ref
-
-    def primal_out(fs: FStats, ref):
-        """(value, statistics of f itself): f was centred on ``ref`` in the engine."""
-        fs = problem.unshift(fs, ref)
-        value = policy.guard(fs.mean, fs)
-        if prob.nan_policy == "drop":  # every unit dropped: NaN, never a zero that looks exact
-            value = jnp.where(fs.units < 1, jnp.nan, value)
-        return value.astype(prob.f_dtype), _fstats_float(fs)
-
-    @jax.custom_jvp
-    def core(params, key_data, st):
-        out, ref = run(params, key_data, st, "value")
-        return primal_out(out.fstats, ref)
-
-    @core.defjvp
-    def core_jvp(primals, tangents):
-        params, key_data, st = primals
-        dparams = tangents[0]
-        if est.max_order is not None:
-            # First order is this rule; a second derivative differentiates the rule itself.
-            params = policy.refuse_derivatives(params, _higher_order_message(est))
-        if fitted.routed(est):
-            key = jax.random.wrap_key_data(key_data, impl=impl)
-            shifted, ref = problem.shifted(prob, params, key)
-            fs, tangent = fitted.jvp(shifted, params, key, st, dparams)
-            fs = _check(prob, fs, "expectation")
-            value, fsf = primal_out(fs, ref)
-            return (value, fsf), (policy.guard(tangent, fs).astype(value.dtype),
-                                  jax.tree_util.tree_map(jnp.zeros_like, fsf))
-        out, ref = run(params, key_data, st, "grad")
-        fs = out.fstats
-        denom = problem.kept_units(prob, fs)  # with nan_policy="drop": the finite units
-        w = jax.lax.stop_gradient(est.weights(fs, st, denom))
-        # Every unit dropped: NaN (the gradient is a linear map of the tangent, so the NaN must
-        # sit in its coefficients, not in a select on the result), never a zero that looks exact.
-        none = jnp.where(fs.units < 1, jnp.nan, 1.0) if prob.nan_policy == "drop" else 1.0
-        grads = jax.tree_util.tree_map(
-            lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1) / denom
-            * jnp.asarray(none, g.dtype), out.grad_sums
-        )
-        dots = [
-            jnp.vdot(g, dp).astype(fs.mean.dtype)
-            for g, dp in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(dparams))
-        ]
-        value, fsf = primal_out(fs, ref)
-        tangent = policy.guard(sum(dots, jnp.zeros((), fs.mean.dtype)), fs).astype(value.dtype)
-        return (value, fsf), (tangent, jax.tree_util.tree_map(jnp.zeros_like, fsf))
-
-    value, fsf = core(prob.params, jax.random.key_data(prob.key), state)
-    fs = fsf._replace(nonfinite=jax.lax.stop_gradient(fsf.nonfinite).astype(jnp.int32))
-    return value, jax.lax.stop_gradient(fs)
-
-
 def expectation(
     f: Callable[[PyTree], jax.Array],
     family: Family,
@@ -374,7 +279,7 @@ def expectation(
             "sg.expectation_with_state(f, family, theta, key, state, ...) and thread the state "
             "like an optax optimizer state (state = estimator.init(theta) to start)."
         )
-    value, _ = _surrogate(prob, ())
+    value, _ = surrogate.surrogate(prob, ())
     return value
 
 
@@ -418,6 +323,6 @@ def expectation_with_state(
             "expectation_with_state: `state` is None; start from state = estimator.init(theta)."
         )
     state = problem.init_state(prob.est, theta, state)
-    value, fs = _surrogate(prob, state)
+    value, fs = surrogate.surrogate(prob, state)
     new_state = jax.lax.stop_gradient(problem.learn(prob, prob.est.update(state, fs)))
     return value, new_state

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import engine, fitted
+from scoregrad._src import engine, fitted, stats
 
 PyTree = Any
 MODES = ("chains", "batch_means")
@@ -101,7 +101,7 @@ def estimate(prob, state, samples, num_batches: int):
     var = jax.tree_util.tree_map(lambda s: jnp.square(s) * n.astype(s.dtype), stderr)
     merged = jax.tree_util.tree_map(lambda x: x[0], mom)
     for a in range(1, num_batches):
-        merged = engine.merge_moments(merged, jax.tree_util.tree_map(lambda x, a=a: x[a], mom))
+        merged = stats.merge_moments(merged, jax.tree_util.tree_map(lambda x, a=a: x[a], mom))
     return grad, var, stderr, fs, merged, _value_stderr(prob, samples, num_batches)
 
 

@@ -21,6 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoregrad._src.base import Draws, FStats, Model, Params
+from scoregrad._src.stats import (
+    Moments,
+    fold_moments,
+    fstats_of,
+    is_float,
+    masked_moments,
+    merge_fstats,
+    merge_moments,
+)
 
 PyTree = Any
 
@@ -51,111 +60,10 @@ def elements_per_unit(x_struct: PyTree, theta: PyTree, est) -> tuple:
     return est.draws_per_unit * max(_size(x_struct), 1), est.num_terms * max(_size(theta), 1)
 
 
-class Moments(NamedTuple):
-    """Streaming mean and centered co-moments of per-unit term gradients (leading axes K, K)."""
-
-    # The field shadows tuple.count (a public name, kept): mypy flags the override.
-    count: jax.Array  # type: ignore[assignment]
-    mean: PyTree  # leaves (K, *leaf)
-    comoment: PyTree  # leaves (K, K, *leaf)
-
-
 class EngineOut(NamedTuple):
     fstats: FStats
     grad_sums: Optional[PyTree]  # "grad": leaves (K, *leaf) summed over units
     moments: Optional[Moments]  # "diag"
-
-
-def stats_dtype(f_dtype) -> Any:
-    """The dtype statistics accumulate in: f's, but at least float32 (float16/bfloat16 counts
-    and sums overflow or round away past a few thousand draws)."""
-    # Not jnp.promote_types: under jax_numpy_dtype_promotion="strict" it refuses (f64, f32).
-    dt = jnp.dtype(f_dtype)
-    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits < 32:
-        return jnp.dtype(jnp.float32)
-    return dt
-
-
-def fstats_of(
-    fvals: jax.Array, dtype, ok: Optional[jax.Array] = None, drop: bool = False
-) -> FStats:
-    """Chunk statistics of f (leading axis: units).
-
-    ``ok`` (per unit) says whether the unit's surrogate terms and gradients were finite.
-    ``nonfinite`` counts the non-finite f evaluations plus each unit whose f evaluations were
-    finite but whose terms or gradients were not. With ``drop``, units that are not ok (or have
-    a non-finite f) are left out of the statistics and of ``units``.
-    """
-    fvals = fvals.astype(dtype)
-    per_unit = fvals.reshape(fvals.shape[0], -1)
-    f_ok = jnp.all(jnp.isfinite(per_unit), axis=1)
-    nonfinite = jnp.sum(~jnp.isfinite(per_unit)).astype(jnp.int32)
-    if ok is not None:
-        nonfinite = nonfinite + jnp.sum(~ok & f_ok).astype(jnp.int32)
-    # Centred on the chunk's first f value: a large constant in f does not cost the mean and
-    # the second moment their precision (sum of f - c, not of f).
-    flat_f = per_unit.reshape(-1)
-    finite = jnp.isfinite(flat_f)
-    c = (jnp.where(jnp.any(finite), flat_f[jnp.argmax(finite)], 0) if per_unit.size
-         else jnp.zeros((), dtype))  # the chunk's first finite f value
-    d = per_unit - c
-    if not drop:
-        n = jnp.asarray(d.size, dtype)
-        dm = jnp.mean(d)
-        units = jnp.asarray(per_unit.shape[0], dtype)
-        return FStats(n, c + dm, jnp.sum(jnp.square(d - dm)), nonfinite, units,
-                      c + jnp.mean(d, axis=0))
-    kept = f_ok if ok is None else ok & f_ok
-    keep = jnp.broadcast_to(kept[:, None], per_unit.shape)
-    n = jnp.sum(keep).astype(dtype)
-    dm = jnp.sum(jnp.where(keep, d, 0)) / jnp.maximum(n, 1)
-    m2 = jnp.sum(jnp.where(keep, jnp.square(d - dm), 0))
-    units = jnp.sum(kept).astype(dtype)
-    per = c + jnp.sum(jnp.where(keep, d, 0), axis=0) / jnp.maximum(units, 1)
-    return FStats(n, c + dm, m2, nonfinite, units, per)
-
-
-def _merge_fstats(a: FStats, b: FStats) -> FStats:
-    n = a.count + b.count
-    delta = b.mean - a.mean
-    safe_n = jnp.where(n > 0, n, 1)
-    mean = a.mean + delta * b.count / safe_n
-    m2 = a.m2 + b.m2 + delta**2 * a.count * b.count / safe_n
-    units = a.units + b.units
-    per = a.per + (b.per - a.per) * b.units / jnp.where(units > 0, units, 1)
-    return FStats(n, mean, m2, a.nonfinite + b.nonfinite, units, per)
-
-
-def merge_moments(a: Moments, b: Moments) -> Moments:
-    n = a.count + b.count
-    safe_n = jnp.where(n > 0, n, 1)
-    frac = b.count / safe_n
-    w = a.count * b.count / safe_n
-
-    def merge_mean(ma, mb):
-        return ma + (mb - ma) * frac.astype(ma.dtype)
-
-    def merge_co(ca, cb, ma, mb):
-        d = mb - ma
-        outer = d[:, None] * d[None, :]
-        return ca + cb + outer * w.astype(ca.dtype)
-
-    mean = jax.tree_util.tree_map(merge_mean, a.mean, b.mean)
-    co = jax.tree_util.tree_map(merge_co, a.comoment, b.comoment, a.mean, b.mean)
-    return Moments(n, mean, co)
-
-
-def term0_comoment(comoment: jax.Array, ref, shift_term: Optional[int]) -> jax.Array:
-    """The co-moment of term 0's per-unit gradient on f itself, from that on ``f - ref``.
-
-    Shift-invariant estimators run on f centred on ``ref`` (``Model.f_shift``). Where term 0
-    alone depends on the shift (the score term ``box * (f - ref)``), term ``j = shift_term`` is
-    the baseline's constant feature ``(1 - box) * 1`` and term 0 on f is ``g0 - ref * gj``.
-    """
-    if shift_term is None:
-        return comoment[0, 0]
-    r, j = jnp.asarray(ref, comoment.dtype), shift_term
-    return comoment[0, 0] - 2 * r * comoment[0, j] + r * r * comoment[j, j]
 
 
 def counter_key(key: jax.Array) -> jax.Array:
@@ -254,47 +162,6 @@ def _unit_ok(out, grads=None) -> jax.Array:
     return ok
 
 
-def _masked_moments(grads, ok, dtype) -> Moments:
-    """Chunk mean and centered co-moments of per-unit gradients (leaves (c, K, *leaf))."""
-    count = jnp.sum(ok).astype(dtype)
-
-    def co(g):
-        mask = ok.reshape((-1,) + (1,) * (g.ndim - 1))
-        g = jnp.where(mask, g, 0)
-        m = jnp.sum(g, axis=0) / jnp.maximum(count, 1).astype(g.dtype)
-        c = jnp.where(mask, g - m[None], 0)
-        return m, jnp.sum(c[:, :, None] * c[:, None, :], axis=0)
-
-    # Two maps over the leaves, not pairs picked apart with is_leaf=tuple: theta may itself be a
-    # tuple (or NamedTuple), which such an is_leaf would take for a pair.
-    leaves, treedef = jax.tree_util.tree_flatten(grads)
-    pairs = [co(g) for g in leaves]
-    mean = jax.tree_util.tree_unflatten(treedef, [p[0] for p in pairs])
-    com = jax.tree_util.tree_unflatten(treedef, [p[1] for p in pairs])
-    return Moments(count, mean, com)
-
-
-def is_float(leaf) -> bool:
-    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-
-
-def _fold_moments(grads, ok, dtype, folds, start) -> Moments:
-    """Per-fold masked moments, stacked on a leading fold axis."""
-    size = ok.shape[0]
-    idx = jnp.asarray(start, jnp.int32) + jnp.arange(size, dtype=jnp.int32)
-    fold = sum((idx >= b).astype(jnp.int32) for b in folds[1:-1])
-    per = [_masked_moments(grads, ok & (fold == a), dtype) for a in range(len(folds) - 1)]
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per)
-
-
-def moments_of(rows: PyTree, dtype, ok: Optional[jax.Array] = None) -> Moments:
-    """Mean and centred co-moments over the leading (unit) axis of leaves ``(c, K, *leaf)``;
-    with ``ok``, of those units only."""
-    first = jax.tree_util.tree_leaves(rows)[0]
-    keep = jnp.ones(first.shape[:1], bool) if ok is None else ok
-    return _masked_moments(rows, keep, dtype)
-
-
 def _make_chunk(model: Model, est, params: Params, state, mode: str, dtype, drop,
                 folds=None, wrt="theta"):
     def unit(p: Params, key, x):
@@ -375,8 +242,8 @@ def _make_chunk(model: Model, est, params: Params, state, mode: str, dtype, drop
         fs = fstats_of(out.fvals, dtype, ok, drop)
         keep = ok if drop else jnp.ones_like(ok)
         if folds is not None:
-            return fs, _fold_moments(grads, keep, dtype, folds, start)
-        return fs, _masked_moments(grads, keep, dtype)
+            return fs, fold_moments(grads, keep, dtype, folds, start)
+        return fs, masked_moments(grads, keep, dtype)
 
     return diag_chunk
 
@@ -385,7 +252,7 @@ def merge(mode: str, acc, new, folds: Optional[tuple] = None):
     """Merges two chunk results ``(FStats, extra)`` of the given mode."""
     fs_a, extra_a = acc
     fs_b, extra_b = new
-    fs = _merge_fstats(fs_a, fs_b)
+    fs = merge_fstats(fs_a, fs_b)
     if mode == "grad":
         extra = jax.tree_util.tree_map(jnp.add, extra_a, extra_b)
     elif mode == "diag" and folds is not None:
@@ -487,34 +354,6 @@ def run_chunks(chunk, combine, *, num_units: int, chunk_units: int, key=None, sa
                       samples=samples)
 
 
-def resolve_devices(devices) -> Optional[tuple]:
-    """``None`` -> one device; ``"all"`` -> all local devices; an int n -> the first n; a
-    sequence of devices as given."""
-    if devices is None:
-        return None
-    if isinstance(devices, str):
-        if devices != "all":
-            raise ValueError(f"`devices` must be None, 'all', an int or a list of devices; got {devices!r}.")
-        found = tuple(jax.local_devices())
-    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
-        local = jax.local_devices()
-        if not 1 <= devices <= len(local):
-            raise ValueError(
-                f"`devices`={devices} but {len(local)} local device(s) exist; use 1..{len(local)} or 'all'."
-            )
-        found = tuple(local[: int(devices)])
-    else:
-        try:
-            found = tuple(devices)
-        except TypeError:
-            raise TypeError(
-                f"`devices` must be None, 'all', an int or a list of devices; got {type(devices).__name__}."
-            ) from None
-        if not found or not all(isinstance(d, jax.Device) for d in found):
-            raise TypeError("`devices` must be a non-empty list of jax.Device objects.")
-    return found if len(found) > 1 else None
-
-
 def run(
     model: Model,
     est,
@@ -534,7 +373,7 @@ def run(
 ) -> EngineOut:
     """Runs ``num_units`` units of ``est`` in mode ``mode`` through :func:`run_chunks`.
 
-    With ``devices`` (two or more, from :func:`resolve_devices`) and a key, unit ranges are
+    With ``devices`` (two or more, from :func:`policy.resolve_devices`) and a key, unit ranges are
     sharded across devices with ``shard_map``; unit ``i`` still draws from ``fold_in(key, i)``,
     so the result equals the one-device result up to floating-point summation order.
     ``folds`` and ``wrt``: see :func:`make_chunk`.

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import engine
+from scoregrad._src import engine, stats
 from scoregrad._src.binding import Bound as Estimator
 
 PyTree = Any
@@ -48,14 +48,14 @@ def bounds(num_units: int, folds: int) -> tuple:
     return tuple(a * num_units // folds for a in range(folds + 1))
 
 
-def _fold(mom: engine.Moments, a: int) -> engine.Moments:
+def _fold(mom: stats.Moments, a: int) -> stats.Moments:
     return jax.tree_util.tree_map(lambda x: x[a], mom)
 
 
-def _merge_folds(moms: list) -> engine.Moments:
+def _merge_folds(moms: list) -> stats.Moments:
     acc = moms[0]
     for m in moms[1:]:
-        acc = engine.merge_moments(acc, m)
+        acc = stats.merge_moments(acc, m)
     return acc
 
 
@@ -157,7 +157,7 @@ def jvp(prep, params, key, state, dparams):
     grads, _, _ = _combine(prep.est, out.fstats, out.moments, state, prep.num_units)
     flat = jax.tree_util.tree_leaves(params)
     tangents = jax.tree_util.tree_leaves(dparams)
-    idx = [i for i, leaf in enumerate(flat) if engine.is_float(leaf)]
+    idx = [i for i, leaf in enumerate(flat) if stats.is_float(leaf)]
     dtype = out.fstats.mean.dtype
     total = jnp.zeros((), dtype)
     for g, i in zip(grads, idx):

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import engine, policy, problem, validation
+from scoregrad._src import engine, policy, problem, stats, validation
 from scoregrad._src.base import Estimator, Plan, UnitOut, fixed
 from scoregrad._src.family import Family
 
@@ -313,7 +313,7 @@ def estimate_grad_importance(
         ok = jnp.ones(vals.shape[:1], bool)
         for leaf in jax.tree_util.tree_leaves(rows):
             ok = ok & jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-        return engine.fstats_of(vals, dtype, ok), engine.moments_of(rows, dtype)
+        return stats.fstats_of(vals, dtype, ok), stats.moments_of(rows, dtype)
 
     fs, mom = engine.run_chunks(lambda keys, xs, start: pass2(keys, xs),
                                 lambda p, q: engine.merge("diag", p, q), num_units=n,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoregrad._src import engine, validation
+from scoregrad._src import validation
 from scoregrad._src.base import FStats
 
 NAN_POLICIES = ("raise", "drop", "propagate")
@@ -38,7 +38,7 @@ def make_policy(where: str, nan_policy: Any = "raise", devices: Any = None,
         raise ValueError(
             f"{where}: `nan_policy` must be one of {NAN_POLICIES}; got {nan_policy!r}."
         )
-    resolved = engine.resolve_devices(devices)
+    resolved = resolve_devices(devices)
     chunk = validation.check_chunk_size(chunk_size)
     if nan_policy == "drop" and "drop" in refuse:
         raise ValueError(
@@ -120,3 +120,31 @@ def refuse_derivatives(tree, message: str):
         raise ValueError(message)
 
     return ident(tree)
+
+
+def resolve_devices(devices) -> Optional[tuple]:
+    """``None`` -> one device; ``"all"`` -> all local devices; an int n -> the first n; a
+    sequence of devices as given."""
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f"`devices` must be None, 'all', an int or a list of devices; got {devices!r}.")
+        found = tuple(jax.local_devices())
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        local = jax.local_devices()
+        if not 1 <= devices <= len(local):
+            raise ValueError(
+                f"`devices`={devices} but {len(local)} local device(s) exist; use 1..{len(local)} or 'all'."
+            )
+        found = tuple(local[: int(devices)])
+    else:
+        try:
+            found = tuple(devices)
+        except TypeError:
+            raise TypeError(
+                f"`devices` must be None, 'all', an int or a list of devices; got {type(devices).__name__}."
+            ) from None
+        if not found or not all(isinstance(d, jax.Device) for d in found):
+            raise TypeError("`devices` must be a non-empty list of jax.Device objects.")
+    return found if len(found) > 1 else None

@@ -7,7 +7,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import binding, dependence, engine, validation
+from scoregrad._src import binding, dependence, engine, stats, validation
 from scoregrad._src.base import Estimator, FStats, Model, Params, Target
 from scoregrad._src.binding import Bound
 from scoregrad._src.estimators.score import score_function
@@ -169,7 +169,7 @@ def prepare(
     f_dtype = jax.tree_util.tree_leaves(f_struct)[0].dtype
     return Problem(
         model, est, params, typed_key, num_units, min(chunk, num_units),
-        engine.stats_dtype(f_dtype), policy, f_dtype,
+        stats.stats_dtype(f_dtype), policy, f_dtype,
     )
 
 

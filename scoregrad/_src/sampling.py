@@ -309,7 +309,7 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
     """
     from jax.flatten_util import ravel_pytree
 
-    from scoregrad._src import engine, policy, problem, validation
+    from scoregrad._src import engine, policy, problem, stats, validation
     from scoregrad._src.family import Family
     from scoregrad._src.results import summarize
 
@@ -354,7 +354,7 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
         # A draw counts once when f is finite at theta but not at a shifted theta (its
         # difference row is then non-finite).
         ok = jnp.all(jnp.isfinite(d), axis=1)
-        return engine.fstats_of(f0, dtype, ok), engine.moments_of(d[:, None, :], dtype)
+        return stats.fstats_of(f0, dtype, ok), stats.moments_of(d[:, None, :], dtype)
 
     c = chunk or max(1, min(n, 2**16 // max(1, 2 * flat.size + 1)))
     fs, mom = engine.run_chunks(lambda keys, xs, start: run_chunk(keys, xs),
