@@ -312,25 +312,24 @@ ESTIMATORS = {
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_bind_jit_vmap_dtype_hessian(name):
+    """sg.bind, jit = vmap row, float32 kept, grad of expectation = the estimate, no Hessian."""
     make, f = ESTIMATORS[name]
     est, theta = make(), jnp.asarray(THETA, jnp.float32)
     b = sg.bind(est, FAM, theta)
     cost = {"arsm": 4, "unordered_set(3)": 3, "categorical_rebar": 1}[name]
     assert b.draws_per_unit == cost and b.num_terms == 1 and b.needs_key and b.max_order == 1
-    n = 4 * cost
+    n, keys = 4 * cost, jax.random.split(jax.random.key(2), 3)
     run = lambda k: sg.estimate_grad(f, FAM, theta, k, num_samples=n, estimator=est)  # noqa: E731
-    eager, jitted = run(jax.random.key(1)), jax.jit(run)(jax.random.key(1))
-    np.testing.assert_allclose(eager.grad, jitted.grad, rtol=1e-5, atol=1e-6)
-    assert eager.grad.shape == (2, 3) and eager.grad.dtype == jnp.float32
-    batch = jax.vmap(run)(jax.random.split(jax.random.key(2), 3))
+    single = jax.jit(run)(keys[1])
+    batch = jax.jit(jax.vmap(run))(keys)
+    assert single.grad.shape == (2, 3) and single.grad.dtype == jnp.float32
     assert batch.grad.shape == (3, 2, 3)
-    np.testing.assert_allclose(batch.grad[1], run(jax.random.split(jax.random.key(2), 3)[1]).grad,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batch.grad[1], single.grad, rtol=1e-5, atol=1e-6)
 
     def loss(th):
-        return sg.expectation(f, FAM, th, jax.random.key(1), num_samples=n, estimator=est)
+        return sg.expectation(f, FAM, th, keys[1], num_samples=n, estimator=est)
 
-    np.testing.assert_allclose(jax.grad(loss)(theta), eager.grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(theta), single.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         jax.hessian(loss)(theta)
 
