@@ -21,7 +21,6 @@ import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import scoregrad as sg
@@ -66,8 +65,10 @@ def run(t: int, discount: float):
 def _machine() -> str:
     dev = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{platform.system()} {cpu}, {os.cpu_count()} cores, jax {jax.__version__}, "
-            f"device {dev.platform} ({dev.device_kind})")
+            f"device {dev.platform} ({dev.device_kind}), load average at the end {load} "
+            "(times are noisy when it exceeds the core count)")
 
 
 def _commit() -> str:
