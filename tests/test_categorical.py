@@ -18,7 +18,6 @@ from stats_util import (
 )
 
 import scoregrad as sg
-from scoregrad._src.base import _STREAM
 from scoregrad._src.estimators.categorical import (
     arsm,
     arsm_gradient,
@@ -254,7 +253,8 @@ def test_arsm_wiring(x64):
 
 
 def test_rebar_wiring(x64):
-    """Unit i: Gumbel noise from the unit key fold_in(key, i), uniforms from its next stream."""
+    """Unit i: Gumbel noise from the unit key fold_in(key, i), uniforms from its next stream
+    fold_in(unit key, 2^31 + 1) (sg.Draws)."""
     theta, key = jnp.asarray(THETA), jax.random.key(9)
     omega = {"eta": jnp.asarray(0.8), "log_temperature": jnp.asarray(math.log(0.4))}
     r = sg.estimate_grad(f_onehot, FAM, theta, key, num_samples=3,
@@ -263,7 +263,7 @@ def test_rebar_wiring(x64):
     for i in range(3):
         uk = jax.random.fold_in(key, i)
         g = jax.random.gumbel(uk, (2, 3), jnp.float64)
-        v = jax.random.uniform(jax.random.fold_in(uk, _STREAM + 1), (2, 3), jnp.float64)
+        v = jax.random.uniform(jax.random.fold_in(uk, 2**31 + 1), (2, 3), jnp.float64)
         term = lambda th: relax_surrogate(f_onehot, lambda b: FAM.log_prob(th, b), rebar_cv,  # noqa: E731
                                           omega, th, g, v)[0]
         gs.append(jax.grad(term)(theta))
