@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import math
 import os
@@ -323,51 +322,73 @@ def workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: Cells compiled before they are measured: bounds the compiled programs held at once (a few MB
+#: each) while keeping both phases apart.
+CHUNK = 48
+
+
+def _compile_chunk(pool, chunk, replicates, dtype, threads: int):
+    """Traces the chunk's cells in order here and compiles them in ``pool`` (at most
+    ``2 * threads`` waiting, so that progress follows the compiles); yields each cell as it is
+    submitted (as ``("compile", cell)``) and returns ``[(cell, job, future)]`` once every compile is done."""
+    prepared: list[tuple[dict, _Job | None, Any]] = []
+    for problem, entry, n in chunk:
+        cell, job = _prepare(problem, entry, n, replicates, dtype)
+        future = pool.submit(_compile, job.lowered) if job is not None else None
+        prepared.append((cell, job._replace(lowered=None) if job else None, future))
+        waiting = [f for _, _, f in prepared if f is not None and not f.done()]
+        if len(waiting) > 2 * threads:
+            concurrent.futures.wait(waiting[:len(waiting) - 2 * threads])
+        yield "compile", cell
+    concurrent.futures.wait([f for _, _, f in prepared if f is not None])
+    return prepared
+
+
+def _measure_prepared(cell, job, future) -> dict:
+    if job is None:
+        return cell
+    try:
+        compiled, seconds = future.result()
+    except Exception as err:  # noqa: BLE001 - a failing cell must not stop the suite
+        return {**cell, "status": "error", "reason": f"{type(err).__name__}: {err}"}
+    return _measure(job, compiled, seconds)
+
+
 def run_suite(cells, replicates: int, dtype, progress: Callable = lambda it, **kw: it,
               threads: int | None = None) -> list:
     """Runs the planned ``cells`` (from :func:`plan`), returns one dict per cell, ranked.
 
-    Two phases. **Compile**: each cell's program is traced here (in order) and compiled by XLA
-    in ``threads`` worker threads (default :func:`workers`), which is where nearly all the time
-    of a suite goes (a cell's program compiles in seconds and runs in milliseconds).
-    **Measure**: the compiled cells run one after another on an otherwise idle process, so
-    compilation never overlaps a timing.
+    Nearly all the time of a suite is XLA compiling one program per cell (seconds; running it
+    takes milliseconds). So, for each chunk of :data:`CHUNK` cells, two phases. **Compile**: each
+    cell's program is traced here, in order, and compiled by XLA in ``threads`` worker threads
+    (default :func:`workers`; XLA releases the GIL). **Measure**: the compiled cells run one
+    after another with nothing compiling beside them, so compilation never overlaps a timing.
+    The progress bar counts both steps of every cell.
     """
     threads = threads or workers()
-    t0 = time.perf_counter()
-    prepared: list[tuple[dict, _Job | None, Any]] = []
-    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="bench-compile") as pool:
-        in_flight: collections.deque = collections.deque()
-        bar = progress(cells, total=len(cells), unit="cell", desc="compile")
-        for problem, entry, n in bar:
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{problem.name} | {entry.name} | N={n}")
-            cell, job = _prepare(problem, entry, n, replicates, dtype)
-            future = pool.submit(_compile, job.lowered) if job is not None else None
-            prepared.append((cell, job, future))
-            if future is not None:
-                in_flight.append(future)
-            while len(in_flight) > 2 * threads:  # keep the bar close to the compiles done
-                concurrent.futures.wait([in_flight.popleft()])
-        concurrent.futures.wait(in_flight)
-    t1 = time.perf_counter()
-    results = []
-    bar = progress(range(len(prepared)), total=len(prepared), unit="cell", desc="measure")
-    for i in bar:
-        cell, job, future = prepared[i]
-        prepared[i] = (cell, None, None)  # the compiled program is freed once measured
+    results: list[dict] = []
+    spent = {"compile": 0.0, "measure": 0.0}
+
+    def steps():
+        with concurrent.futures.ThreadPoolExecutor(threads,
+                                                   thread_name_prefix="bench-compile") as pool:
+            for start in range(0, len(cells), CHUNK):
+                t0 = time.perf_counter()
+                prepared = yield from _compile_chunk(pool, cells[start:start + CHUNK],
+                                                     replicates, dtype, threads)
+                t1 = time.perf_counter()
+                spent["compile"] += t1 - t0
+                for i, (cell, job, future) in enumerate(prepared):
+                    prepared[i] = (cell, None, None)  # freed once measured
+                    results.append(_measure_prepared(cell, job, future))
+                    yield "measure", cell
+                spent["measure"] += time.perf_counter() - t1
+
+    bar = progress(steps(), total=2 * len(cells), unit="step")
+    for phase, cell in bar:
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{cell['problem']} | {cell['estimator']} | N={cell['budget']}")
-        if job is None:
-            results.append(cell)
-            continue
-        try:
-            compiled, seconds = future.result()
-        except Exception as err:  # noqa: BLE001 - a failing cell must not stop the suite
-            results.append({**cell, "status": "error",
-                            "reason": f"{type(err).__name__}: {err}"})
-            continue
-        results.append(_measure(job, compiled, seconds))
-    PHASES.update(compile=t1 - t0, measure=time.perf_counter() - t1, threads=threads)
+            bar.set_postfix_str(f"{phase} {cell['problem']} | {cell['estimator']} | "
+                                f"N={cell['budget']}")
+    PHASES.update(threads=threads, **spent)
     rank(results)
     return results
