@@ -123,7 +123,6 @@ def test_exact_value_gradient_hessian_single_program(x64, baseline):
            jax.hessian(_exact_value)(theta))
 
 
-@pytest.mark.slow
 def test_exact_leave_one_out_over_pairs(x64):
     """Batch-wide per-step leave-one-out, every pair of trajectories: gradient and Hessian."""
     theta, est = _theta(), PROG.estimator(sp.leave_one_out())
@@ -450,6 +449,11 @@ def test_refusals():
         sp.causal(sg.baselines.leave_one_out())
     with pytest.raises(ValueError, match="num_steps"):
         sp.program(_log_prob, _sample, _cost, num_steps=0)
+    cv = sg.control_variates.control_variate(lambda s, th: jnp.sum(s.x), lambda th: 0.0)
+    with pytest.raises(TypeError, match="per-step costs"):
+        sg.estimate_grad(PROG.f, PROG.family, theta, jax.random.key(0), num_samples=8,
+                         estimator=sg.control_variates.with_control_variates(PROG.estimator(),
+                                                                              cv))
 
 
 def test_bind_derives_terms_and_presample():

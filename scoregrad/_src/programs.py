@@ -173,6 +173,12 @@ def causal_boxes(lp: jax.Array) -> tuple[jax.Array, jax.Array]:
     return magic_box(cum), magic_box(before)
 
 
+_NOT_UNBIASED = (
+    "causal credit reads the per-step costs from f's dependence on the step weights "
+    "(Steps.weights); another integrand h of the whole draw has no per-step costs, so the unit "
+    "applied to h does not estimate grad E[h]")
+
+
 def _steps_of(target: Target, name: str) -> int:
     xs = target.x_struct
     if not isinstance(xs, Steps):
@@ -239,6 +245,7 @@ def causal(baseline: Optional[StepBaseline] = None, *,
             "sg.programs.leave_one_out(), sg.programs.moving_average(0.9) or "
             f"sg.programs.value_function(...), or None; got {type(baseline).__name__}.")
     name = "causal" if baseline.name == "none" else f"causal[{baseline.name}]"
+    steps: int = 0 if num_steps is None else num_steps
     if baseline.stateful and num_steps is None:
         raise ValueError(
             f"causal(baseline={baseline.name}) keeps a state per step: pass num_steps=T, or "
@@ -261,26 +268,27 @@ def causal(baseline: Optional[StepBaseline] = None, *,
             fvals = t * c_sg if baseline.per_step_stats else jnp.sum(c_sg)[None]
             return UnitOut(terms, fvals)
 
-        weights = None
-        if baseline.weights is not None:
-            def weights(fstats: FStats, state, n):
-                g = _mean_cost_to_go(fstats, t) if baseline.per_step_stats else None
-                w = baseline.weights(g, state, n)
-                return jnp.concatenate([jnp.ones((1,), fstats.mean.dtype),
-                                        w.astype(fstats.mean.dtype)])
+        base_weights = baseline.weights
 
-        return Plan(unit, weights=weights, min_units=baseline.min_units)
+        def weights(fstats: FStats, state, n):
+            assert base_weights is not None  # only used when the baseline has weights
+            g = _mean_cost_to_go(fstats, t) if baseline.per_step_stats else None
+            w = base_weights(g, state, n)
+            return jnp.concatenate([jnp.ones((1,), fstats.mean.dtype),
+                                    w.astype(fstats.mean.dtype)])
+
+        return Plan(unit, weights=None if base_weights is None else weights,
+                    min_units=baseline.min_units, not_unbiased=_NOT_UNBIASED)
 
     def init(theta):
         if not baseline.stateful:
             return ()
-        return baseline.init(num_steps, _float_dtype(jax.tree_util.tree_leaves(theta)))
+        return baseline.init(steps, _float_dtype(jax.tree_util.tree_leaves(theta)))
 
     def update(state, fstats: FStats):
         if not baseline.stateful:
             return state
-        t = num_steps
-        g = _mean_cost_to_go(fstats, t) if baseline.per_step_stats else None
+        g = _mean_cost_to_go(fstats, steps) if baseline.per_step_stats else None
         return baseline.update(state, g)
 
     return Estimator(name, init, bind, update)
