@@ -8,6 +8,7 @@ from scoregrad._src.programs import Program, Steps, causal, program
 from scoregrad._src.programs_baselines import (
     StepBaseline,
     cost_to_go,
+    group_leave_one_out,
     leave_one_out,
     moving_average,
     none,
@@ -24,6 +25,7 @@ __all__ = [
     "Steps",
     "causal",
     "cost_to_go",
+    "group_leave_one_out",
     "iterated_prisoners_dilemma",
     "leave_one_out",
     "moving_average",

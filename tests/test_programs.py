@@ -74,6 +74,9 @@ def _surrogate(est, prog, theta, state=()):
     def s(th, batch):
         p = Params(th)
         steps = prog.steps(batch)
+        k = bound.samples_per_unit  # a group of k programs per unit
+        if k > 1:
+            steps = jax.tree_util.tree_map(lambda a: a.reshape((-1, k) + a.shape[1:]), steps)
         out = jax.vmap(lambda x: bound.unit(model, p, Draws(model, p, x=x), state))(steps)
         fs = fstats_of(jax.lax.stop_gradient(out.fvals), out.terms.dtype)
         w = jax.lax.stop_gradient(bound.weights(fs, state, batch.shape[0]))
@@ -129,6 +132,28 @@ def test_exact_leave_one_out_over_pairs(x64):
     probs = _probs(theta)
     _close(_expected(est, PROG, theta, PATHS, probs, 2, 1), jax.grad(_exact_value)(theta))
     _close(_expected(est, PROG, theta, PATHS, probs, 2, 2), jax.hessian(_exact_value)(theta))
+
+
+def test_exact_group_leave_one_out(x64):
+    """Groups of two programs, every pair enumerated: value, gradient and Hessian; and through
+    estimate_grad_from_samples (a group reads two consecutive given trajectories)."""
+    theta, est = _theta(), PROG.estimator(sp.group_leave_one_out(2))
+    assert sg.bind(est, PROG.family, theta).num_terms == 1
+    probs = _probs(theta)
+    _close(_expected(est, PROG, theta, PATHS, probs, 2, 0), _exact_value(theta))
+    _close(_expected(est, PROG, theta, PATHS, probs, 2, 1), jax.grad(_exact_value)(theta))
+    _close(_expected(est, PROG, theta, PATHS, probs, 2, 2), jax.hessian(_exact_value)(theta))
+    pairs = np.array(list(itertools.product(range(len(PATHS)), repeat=2)))
+
+    def two(ij):
+        return sg.estimate_grad_from_samples(PROG.f, PROG.family, theta,
+                                             PROG.steps(jnp.asarray(PATHS)[ij]),
+                                             estimator=est).grad
+
+    grads = jax.vmap(two)(jnp.asarray(pairs))
+    w = probs[pairs[:, 0]] * probs[pairs[:, 1]]
+    _close(jax.tree_util.tree_map(lambda g: jnp.tensordot(w, g, axes=1), grads),
+           jax.grad(_exact_value)(theta))
 
 
 def test_exact_gradient_through_the_public_api(x64):
@@ -235,9 +260,10 @@ def test_lola_cross_hessian_through_expectation(x64):
 # ---------------------------------------------------------------- Monte Carlo, entry points
 
 @pytest.mark.statistical
-@pytest.mark.parametrize("baseline", [None, "leave_one_out"])
+@pytest.mark.parametrize("baseline", [None, "leave_one_out", "group_leave_one_out"])
 def test_estimate_grad_unbiased_with_power(x64, baseline):
-    est = PROG.estimator(None if baseline is None else sp.leave_one_out())
+    est = PROG.estimator({None: None, "leave_one_out": sp.leave_one_out(),
+                          "group_leave_one_out": sp.group_leave_one_out(4)}[baseline])
     theta = _theta()
     r = sg.estimate_grad(PROG.f, PROG.family, theta, jax.random.key(3), num_samples=8192,
                          estimator=est)

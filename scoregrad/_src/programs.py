@@ -215,11 +215,13 @@ def causal(baseline: Optional[StepBaseline] = None, *,
     * **Cost**: one reverse pass per chunk for the causal term, plus one per baseline term in
       ``jax.grad`` of :func:`scoregrad.expectation` (the engine takes one per term): two
       with :func:`~scoregrad.programs.moving_average` or
-      :func:`~scoregrad.programs.value_function`, T + 2 with the batch-wide
+      :func:`~scoregrad.programs.value_function`, one with
+      :func:`~scoregrad.programs.group_leave_one_out`, T + 2 with the batch-wide
       :func:`~scoregrad.programs.leave_one_out`.
 
     Args:
       baseline: a per-step baseline (:func:`~scoregrad.programs.leave_one_out`,
+        :func:`~scoregrad.programs.group_leave_one_out`,
         :func:`~scoregrad.programs.moving_average`, :func:`~scoregrad.programs.value_function`)
         or ``None``.
       num_steps: T; required by stateful baselines (their state is per step), checked against
@@ -277,6 +279,9 @@ def causal(baseline: Optional[StepBaseline] = None, *,
             return jnp.concatenate([jnp.ones((1,), fstats.mean.dtype),
                                     w.astype(fstats.mean.dtype)])
 
+        if baseline.group > 1:
+            return Plan(_group_unit(baseline.group), draws_per_unit=baseline.group,
+                        not_unbiased=_NOT_UNBIASED)
         return Plan(unit, weights=None if base_weights is None else weights,
                     min_units=baseline.min_units, not_unbiased=_NOT_UNBIASED)
 
@@ -292,6 +297,22 @@ def causal(baseline: Optional[StepBaseline] = None, *,
         return baseline.update(state, g)
 
     return Estimator(name, init, bind, update)
+
+
+def _group_unit(k: int):
+    """A unit of k programs, each with the mean cost-to-go of the other k - 1 as baseline."""
+    def unit(model, params, draws, state):
+        s = draws.sample(num=k)
+        lp, c = jax.vmap(lambda si: per_step(model, params, si))(s)  # (k, T) each
+        box, before = jax.vmap(causal_boxes)(lp)
+        c_sg = jax.lax.stop_gradient(c)
+        g = cost_to_go(c_sg)
+        b = (jnp.sum(g, axis=0, keepdims=True) - g) / (k - 1)
+        per_program = jnp.sum(box * c, axis=1) + jnp.sum((before - box) * b.astype(box.dtype),
+                                                        axis=1)
+        return UnitOut(jnp.mean(per_program)[None], jnp.sum(c_sg, axis=1))
+
+    return unit
 
 
 def _mean_cost_to_go(fstats: FStats, t: int) -> jax.Array:

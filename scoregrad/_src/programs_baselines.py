@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from scoregrad._src.baselines import LearnedState, MovingAverageState
 
 PyTree = Any
-__all__ = ["StepBaseline", "cost_to_go", "leave_one_out", "moving_average", "none",
+__all__ = ["StepBaseline", "cost_to_go", "group_leave_one_out", "leave_one_out", "moving_average", "none",
            "value_function"]
 
 
@@ -37,6 +37,8 @@ class StepBaseline(NamedTuple):
       min_units: the smallest batch of programs it is defined for.
       stateful: the state must be threaded through calls.
       per_step_stats: it needs the batch's per-step statistics (weights or update read ``gbar``).
+      group: programs per unit (``> 1``: the unit draws a group and ``terms`` is unused; the
+        baseline of each program is the mean cost-to-go of the others in its group).
     """
 
     name: str
@@ -47,6 +49,7 @@ class StepBaseline(NamedTuple):
     min_units: int = 1
     stateful: bool = False
     per_step_stats: bool = False
+    group: int = 1
 
 
 def cost_to_go(c: jax.Array) -> jax.Array:
@@ -89,6 +92,28 @@ def leave_one_out() -> StepBaseline:
 
     return StepBaseline("leave_one_out", terms, weights, lambda t, dtype: (), _no_update,
                         min_units=2, per_step_stats=True)
+
+
+def group_leave_one_out(k: int) -> StepBaseline:
+    r"""Per step, the mean cost-to-go of the other k − 1 programs of the same group (RLOO).
+
+    The estimator's unit draws k programs at once and uses, for program i of the group,
+    :math:`b_{t,i} = \frac{1}{k-1}\sum_{j \ne i} G_{t,j}`: independent of program i, so
+    unbiased at every order. Unlike the batch-wide :func:`leave_one_out` it adds no term (one
+    reverse pass per chunk whatever T) and the reported value's standard error is that of the
+    total cost; the baseline sees k − 1 programs rather than N − 1. ``num_samples`` counts
+    programs and must be a multiple of k.
+
+    Args:
+      k: programs per group, ``>= 2``.
+
+    References:
+      Kool, van Hoof and Welling, "Buy 4 REINFORCE Samples, Get a Baseline for Free!", 2019.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"group_leave_one_out(k=...) must be an int >= 2; got {k!r}.")
+    return StepBaseline(f"group_leave_one_out({k})", lambda d, g, x, state: jnp.zeros((0,)),
+                        None, lambda t, dtype: (), _no_update, group=k)
 
 
 def moving_average(decay: float = 0.9) -> StepBaseline:
