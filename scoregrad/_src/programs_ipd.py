@@ -10,9 +10,10 @@ from scoregrad._src.programs import Program, program
 
 __all__ = ["IPD_COSTS", "iterated_prisoners_dilemma"]
 
-# Cost (negative payoff) to (agent 1, agent 2) for (a1, a2), 0 = cooperate, 1 = defect:
-# both cooperate 1 each, a lone defector 0 and the sucker 3, both defect 2 each.
 IPD_COSTS = ((1.0, 1.0), (3.0, 0.0), (0.0, 3.0), (2.0, 2.0))
+"""Cost (negative payoff) to (agent 1, agent 2) for the joint actions CC, CD, DC, DD (row
+``2 * a1 + a2``; 0 = cooperate, 1 = defect): both cooperate 1 each, a lone defector 0 and the
+sucker 3, both defect 2 each."""
 
 
 def _logits(theta, actions):
