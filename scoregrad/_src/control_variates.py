@@ -155,6 +155,14 @@ def delta_method(f: Callable, *, order: int = 2, moments: tuple | None = None) -
     return ControlVariate(f"delta{order}", None, None, resolve)
 
 
+def _one(x, theta):
+    del x
+    return jnp.ones((), jnp.result_type(*jax.tree_util.tree_leaves(theta)))
+
+
+_CONSTANT = ControlVariate("1", _one, lambda theta: _one(None, theta), None)
+
+
 def _resolved(cv: ControlVariate, family) -> ControlVariate:
     if cv.resolve is not None:
         cv = cv.resolve(family)
@@ -191,6 +199,12 @@ def _cv_term(inner: Estimator, plan, cv: ControlVariate, model, params, draws, s
     who = f"with_control_variates({inner.name}): control variate {cv.name!r}"
     h = cv.h
 
+    mean = jnp.asarray(cv.mean(params.theta))
+    if mean.shape != ():
+        raise ValueError(
+            f"{who}: `mean(theta)` must return a scalar, the expectation of the scalar "
+            f"h(x, theta); got shape {mean.shape}."
+        )
     def checked_h(y, th):  # shapes are static: these checks run once, at trace time
         out = jnp.asarray(h(y, th))
         if out.shape != ():
@@ -200,12 +214,6 @@ def _cv_term(inner: Estimator, plan, cv: ControlVariate, model, params, draws, s
     model_h, params_h = _on_integrand(model, params, checked_h)
     # the inner unit on h, on the same draws and noise (replayed from the unit's first stream)
     term = plan.unit(model_h, params_h, draws.replay(), state).terms[0]
-    mean = jnp.asarray(cv.mean(params.theta))
-    if mean.shape != ():
-        raise ValueError(
-            f"{who}: `mean(theta)` must return a scalar, the expectation of the scalar "
-            f"h(x, theta); got shape {mean.shape}."
-        )
     return term - mean.astype(term.dtype)
 
 
@@ -268,7 +276,6 @@ def with_control_variates(
         raise TypeError(f"coefficient must be 'optimal' or a float; got {coefficient!r}.")
     if not isinstance(num_folds, int) or num_folds < 2:
         raise ValueError(f"num_folds must be an int >= 2; got {num_folds!r}.")
-    m = len(cvs)
 
     def bind(target):
         plan = inner.bind(target)
@@ -283,6 +290,13 @@ def with_control_variates(
             )
         k_in = binding.num_terms(plan, target, inner.init)
         resolved = [_resolved(c, target.family) for c in cvs]
+        if optimal:
+            # The constant 1 (known mean 1) is a control variate for every estimator: fitted
+            # beside the others it lets the fit centre them (for a score function it is the
+            # optimal constant baseline; for pathwise a zero term the ridge ignores). Without
+            # it, h's mean times the score stayed in the h terms and, next to an f term centred
+            # by a baseline (leave-one-out), the fit kept 1/1800 of the control variate's gain.
+            resolved.append(_CONSTANT)
 
         def unit(model, params, draws, state):
             out = plan.unit(model, params, draws, state)
@@ -290,13 +304,16 @@ def with_control_variates(
                                for c in resolved])
             return UnitOut(jnp.concatenate([out.terms, extra.astype(out.terms.dtype)]), out.fvals)
 
+        m_all = len(resolved)
+
         def weights(fstats: FStats, state, n):
             dt = fstats.mean.dtype
             w = (jnp.ones((k_in,), dt) if plan.weights is None
                  else plan.weights(fstats, state, n).astype(dt))
-            return jnp.concatenate([w, jnp.full((m,), 0.0 if optimal else -float(coefficient), dt)])
+            return jnp.concatenate([w, jnp.full((m_all,), 0.0 if optimal else -float(coefficient),
+                                                dt)])
 
-        fitted = tuple(plan.fitted) + (tuple(range(k_in, k_in + m)) if optimal else ())
+        fitted = tuple(plan.fitted) + (tuple(range(k_in, k_in + m_all)) if optimal else ())
         return plan._replace(
             unit=unit, weights=weights, fitted=fitted,
             min_units=max(plan.min_units, 2 * num_folds if fitted else 1),
