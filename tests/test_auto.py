@@ -77,3 +77,14 @@ def test_bad_cost_or_repeats(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sg.auto(lambda x: jnp.sum(x), sg.families.bernoulli(), jnp.zeros(1), jax.random.key(0),
                 candidates=[sg.score_function()], **kwargs)
+
+
+def test_default_candidates_for_discrete_families_include_rloo_and_disarm():
+    from scoregrad._src.auto import default_candidates
+
+    names = [e.name for e in default_candidates(sg.families.bernoulli(), 256)]
+    assert "rloo(4)" in names and "disarm" in names, names
+    names = [e.name for e in default_candidates(sg.families.categorical(), 256)]
+    assert "rloo(4)" in names and "disarm" not in names, names
+    names = [e.name for e in default_candidates(sg.families.normal(), 256)]
+    assert "rloo(4)" not in names, names

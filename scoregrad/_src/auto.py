@@ -93,12 +93,18 @@ class AutoReport(NamedTuple):
 
 
 def default_candidates(family, num_samples: int) -> list:
-    """Score function (plain, leave-one-out, optimal), pathwise where the family allows it, and
-    antithetic / QMC designs for families with ``capabilities.inverse_cdf``."""
-    from scoregrad import baselines, pathwise, sampling, score_function
+    """Score function (plain, leave-one-out, optimal), pathwise where the family allows it,
+    antithetic / QMC designs for families with ``capabilities.inverse_cdf``, and for discrete
+    families RLOO(4) and, for Bernoulli logits, DisARM."""
+    from scoregrad import baselines, disarm, pathwise, rloo, sampling, score_function
 
     cands = [score_function(), score_function(baselines.leave_one_out()),
              score_function(baselines.optimal())]
+    caps = family.capabilities
+    if caps.discrete and num_samples % 4 == 0:
+        cands.append(rloo(4))
+    if caps.bernoulli_logits is not None and num_samples % 2 == 0:
+        cands.append(disarm())
     designable = family.capabilities.inverse_cdf is not None  # antithetic / QMC need it
     if family.reparameterized is not False:
         cands.append(pathwise())
