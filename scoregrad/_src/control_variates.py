@@ -234,7 +234,8 @@ def with_control_variates(
     is unbiased for every integrand, each such term has mean zero and any multiple of it can be
     subtracted; it helps where h tracks f on the same draws. Each is weighted by
     ``-coefficient``; with ``coefficient="optimal"`` the coefficients of all control variates
-    (and of any fitted baseline of ``estimator``) are fitted jointly, per parameter coordinate,
+    (and of any fitted baseline of ``estimator``, and of the constant 1, a control variate with
+    known mean 1 that lets the fit centre each h) are fitted jointly, per parameter coordinate,
     to minimise the variance, each fold of ``num_folds`` using coefficients fitted on the others:
     **unbiased**. Needs per-draw gradients (like :func:`scoregrad.baselines.optimal`).
     ``jax.hessian`` of :func:`scoregrad.expectation` stays unbiased for score-function bases.
@@ -245,9 +246,9 @@ def with_control_variates(
       (``gumbel_softmax``, ``straight_through``, ``straight_through_gumbel``, ``vimco``,
       :func:`rao_blackwell`): applied to h their mean is not :math:`\nabla\mu`, so the control
       variate would add bias instead of removing variance.
-    * A wrapped estimator bound to the family at call time (``measure_valued``, ``enumerate``,
-      ``indecater``: ``Estimator.specialize``) is bound first and the control variates
-      re-applied, so binding never drops them.
+    * The wrapper is a ``Plan -> Plan`` map inside ``Estimator.bind``: the wrapped estimator is
+      bound to the family first (``measure_valued``, ``enumerate``, ``indecater`` depend on it)
+      and the control variates applied to its plan, so binding never drops them.
 
     Args:
       estimator: default :func:`scoregrad.score_function`; any estimator unbiased for

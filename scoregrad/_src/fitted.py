@@ -1,6 +1,6 @@
 r"""Per-coordinate fitted coefficients by cross-fitting, and a runner for index-aware estimators.
 
-Estimators with ``Estimator.fitted`` terms (the optimal per-coordinate baseline, control variates
+Estimators with ``Plan.fitted`` terms (the optimal per-coordinate baseline, control variates
 with an optimal coefficient) combine their terms with weights fitted **per parameter coordinate**:
 
 .. math::
