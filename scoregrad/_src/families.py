@@ -14,7 +14,7 @@ from scoregrad._src import weak_derivative as wd
 from scoregrad._src.family import Capabilities, Family
 
 
-def _float_array(value, name: str, family: str):
+def float_array(value, name: str, family: str):
     if isinstance(value, (list, tuple)):
         raise TypeError(
             f"{family}: {name} must be an array, not a {type(value).__name__} (a pytree of "
@@ -37,8 +37,8 @@ def _check_normal(theta):
             "families.normal(): theta must be a dict {'loc': array, 'scale': array}; "
             f"got {got}."
         )
-    _float_array(theta["loc"], "theta['loc']", "families.normal()")
-    _float_array(theta["scale"], "theta['scale']", "families.normal()")
+    float_array(theta["loc"], "theta['loc']", "families.normal()")
+    float_array(theta["scale"], "theta['scale']", "families.normal()")
     if jnp.shape(theta["loc"]) != jnp.shape(theta["scale"]):
         raise ValueError(
             "families.normal(): theta['loc'] and theta['scale'] must have the same shape; got "
@@ -91,7 +91,7 @@ def _check_logits(theta, who, min_ndim=0):
         raise TypeError(
             f"families.{who}(): theta must be an array of logits; got {type(theta).__name__}."
         )
-    _float_array(theta, "theta (the logits)", f"families.{who}()")
+    float_array(theta, "theta (the logits)", f"families.{who}()")
     if jnp.ndim(theta) < min_ndim:
         raise ValueError(
             f"families.{who}(): theta must have a trailing axis of K categories; got shape "

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
 from scoregrad._src import weak_derivative as wd
-from scoregrad._src.families import _float_array
+from scoregrad._src.families import float_array
 from scoregrad._src.family import Capabilities, Family
 
 
@@ -33,7 +33,7 @@ def _caps(*, discrete: bool = False, **kw) -> Capabilities:
 def _check_array(theta, who: str, what: str = "theta"):
     if isinstance(theta, dict):
         raise TypeError(f"families.{who}(): {what} must be an array; got a dict {sorted(theta)}.")
-    _float_array(theta, what, f"families.{who}()")
+    float_array(theta, what, f"families.{who}()")
 
 
 def _check_dict(theta, keys, who: str):
@@ -42,7 +42,7 @@ def _check_dict(theta, keys, who: str):
         want = ", ".join(f"'{k}': array" for k in keys)
         raise TypeError(f"families.{who}(): theta must be a dict {{{want}}}; got {got}.")
     for k in keys:
-        _float_array(theta[k], f"theta['{k}']", f"families.{who}()")
+        float_array(theta[k], f"theta['{k}']", f"families.{who}()")
     shapes = {k: jnp.shape(theta[k]) for k in keys}
     if len(set(shapes.values())) > 1:
         raise ValueError(
@@ -155,7 +155,7 @@ def gamma(concentration=None) -> Family:
         alpha_of = lambda th: th["concentration"]  # noqa: E731
         decomposition = wd.gamma_unsupported
     else:
-        _float_array(concentration, "concentration", "families.gamma()")
+        float_array(concentration, "concentration", "families.gamma()")
         keys = ("rate",)
         alpha_of = lambda th: jnp.broadcast_to(  # noqa: E731
             jnp.asarray(concentration, _dtype(th["rate"])), jnp.shape(th["rate"]))
@@ -249,7 +249,7 @@ def _check_mvn(theta):
             f"'scale_tril': (d, d) array}}; got {got}."
         )
     for k in keys:
-        _float_array(theta[k], f"theta['{k}']", "families.multivariate_normal()")
+        float_array(theta[k], f"theta['{k}']", "families.multivariate_normal()")
     d = jnp.shape(theta["loc"])
     if len(d) != 1 or jnp.shape(theta["scale_tril"]) != (d[0], d[0]):
         raise ValueError(
