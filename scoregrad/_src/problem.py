@@ -75,6 +75,80 @@ def _check_common(f, family, estimator, where):
     return estimator
 
 
+class _Draws(NamedTuple):
+    """How draws are made: the typed key (None for given samples), its kind, the key the user's
+    sampler receives, the form of one draw, and the closure-converted sampler."""
+
+    key: Optional[jax.Array]
+    legacy: bool
+    user_key: Any
+    x_struct: Any
+    sample: Callable
+    consts: list
+
+
+def _draw_form(family, theta, key, samples) -> _Draws:
+    treedef = jax.tree_util.tree_structure(theta)
+    if samples is not None:
+        draw = draw_struct(family, theta)
+        if draw is not None:
+            validation.check_samples(samples, draw)
+        x_struct = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                                          samples)
+        return _Draws(None, False, None, x_struct, family.sample, [])
+    # rbg/unsafe_rbg keys become threefry keys here (engine.counter_key): draws then depend on
+    # (key, i) only, whatever the chunking or device count. A legacy uint32 key belongs to the
+    # default implementation, and the sampler receives its raw data: it keeps that
+    # implementation (with rbg as the default, chunk invariance then rests on its vmap).
+    legacy = validation.is_legacy_key(key)
+    typed_key = validation.normalize_key(key)
+    if not legacy:
+        typed_key = engine.counter_key(typed_key)
+    user_key = jax.random.key_data(typed_key) if legacy else typed_key
+    x_struct = traced_struct(
+        family.sample, (theta, user_key), "family.sample(theta, key)",
+        f"Check that it accepts theta of structure {treedef} and a PRNG key.",
+    )
+    sample_c, consts = jax.closure_convert(family.sample, theta, user_key)
+    return _Draws(typed_key, legacy, user_key, x_struct, sample_c, consts)
+
+
+def _trace_user(f, family, theta, x_struct, plan, name):
+    """``f`` and ``log_prob`` traced (scalar floats, else an error naming the fix) and
+    closure-converted: ``(f_c, f_consts, lp_c, lp_consts, f_dtype)``."""
+    lp_fix = (
+        f"Check that family.log_prob(theta, x) accepts theta of structure "
+        f"{jax.tree_util.tree_structure(theta)} and the draws that family.sample returns."
+    )
+    lp_struct = traced_struct(family.log_prob, (theta, x_struct), "family.log_prob(theta, x)", lp_fix)
+    validation.check_scalar_float(
+        lp_struct, "family.log_prob(theta, x)",
+        "It must return the log-density of ONE draw; sum over independent coordinates, e.g. "
+        "`jnp.sum(logpdf(x, ...))`.",
+    )
+    fx_struct = x_struct if plan.f_input is None else plan.f_input(x_struct, theta)
+    f_struct = traced_struct(
+        f, (fx_struct,), "f(x)",
+        "f must accept one draw x as the family samples it"
+        + ("." if plan.f_input is None else f" (as {name} passes it: {fx_struct})."),
+    )
+    validation.check_scalar_float(
+        f_struct, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`."
+    )
+    f_c, f_consts = jax.closure_convert(f, fx_struct)
+    lp_c, lp_consts = jax.closure_convert(family.log_prob, theta, x_struct)
+    return f_c, f_consts, lp_c, lp_consts, jax.tree_util.tree_leaves(f_struct)[0].dtype
+
+
+def _num_units(num_samples, plan, who: str, name: str, per_sample: int = 0) -> int:
+    """Units to run: evaluations of f / draws per unit, or (``per_sample``: given samples per
+    unit) given samples / samples per unit."""
+    k = per_sample or plan.draws_per_unit
+    n = validation.check_num_samples(num_samples, minimum=plan.min_units * k, multiple_of=k,
+                                     who=who, name="samples" if per_sample else name)
+    return n // k
+
+
 def prepare(
     f, family, theta, key, num_samples, estimator, where, samples=None, *,
     policy: RunPolicy, num_samples_name: str = "num_samples",
@@ -92,85 +166,29 @@ def prepare(
     validation.check_theta(theta)
     if family.check_theta is not None:
         family.check_theta(theta)
-    theta_treedef = jax.tree_util.tree_structure(theta)
-    if samples is None:
-        # rbg/unsafe_rbg keys become threefry keys here (engine.counter_key): draws then depend
-        # on (key, i) only, whatever the chunking or device count.
-        legacy = validation.is_legacy_key(key)
-        # A legacy uint32 key belongs to the default implementation, and the sampler receives
-        # its raw data: it keeps that implementation (with rbg as the default, chunk invariance
-        # then rests on that implementation's vmap behaviour).
-        typed_key = validation.normalize_key(key)
-        if not legacy:
-            typed_key = engine.counter_key(typed_key)
-        user_key = jax.random.key_data(typed_key) if legacy else typed_key
-        x_struct = traced_struct(
-            family.sample, (theta, user_key), "family.sample(theta, key)",
-            f"Check that it accepts theta of structure {theta_treedef} and a PRNG key.",
-        )
-        sample_c, sample_consts = jax.closure_convert(family.sample, theta, user_key)
-    else:
-        typed_key, legacy, user_key = None, False, None
-        draw = draw_struct(family, theta)
-        if draw is not None:
-            validation.check_samples(samples, draw)
-        x_struct = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), samples)
-        sample_c, sample_consts = family.sample, []
-    # The estimator bound to the family and theta's shapes (its checks, wrappers applied).
-    plan = binding.bind(est, Target(family, theta, x_struct, legacy))
-    if samples is None:
-        n = validation.check_num_samples(
-            num_samples, minimum=plan.min_units * plan.draws_per_unit,
-            multiple_of=plan.draws_per_unit, who=est.name, name=num_samples_name,
-        )
-    lp_fix = (
-        f"Check that family.log_prob(theta, x) accepts theta of structure {theta_treedef} "
-        "and the draws that family.sample returns."
-    )
-    lp_struct = traced_struct(family.log_prob, (theta, x_struct), "family.log_prob(theta, x)", lp_fix)
-    validation.check_scalar_float(
-        lp_struct, "family.log_prob(theta, x)",
-        "It must return the log-density of ONE draw; sum over independent coordinates, e.g. "
-        "`jnp.sum(logpdf(x, ...))`.",
-    )
-    fx_struct = x_struct if plan.f_input is None else plan.f_input(x_struct, theta)
-    f_struct = traced_struct(
-        f, (fx_struct,), "f(x)",
-        "f must accept one draw x as the family samples it"
-        + ("." if plan.f_input is None else f" (as {est.name} passes it: {fx_struct})."),
-    )
-    validation.check_scalar_float(
-        f_struct, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`."
-    )
-    f_c, f_consts = jax.closure_convert(f, fx_struct)
-    lp_c, lp_consts = jax.closure_convert(family.log_prob, theta, x_struct)
-    model = Model(f_c, lp_c, sample_c, family, legacy)
-    dependence.check_model(family, theta, user_key, x_struct, f, est.name,
+    dr = _draw_form(family, theta, key, samples)
+    plan = binding.bind(est, Target(family, theta, dr.x_struct, dr.legacy))
+    if samples is None:  # checked before tracing f: the error names num_samples first
+        _num_units(num_samples, plan, est.name, num_samples_name)
+    f_c, f_consts, lp_c, lp_consts, f_dtype = _trace_user(f, family, theta, dr.x_struct, plan,
+                                                          est.name)
+    model = Model(f_c, lp_c, dr.sample, family, dr.legacy)
+    dependence.check_model(family, theta, dr.user_key, dr.x_struct, f, est.name,
                            draws_key=samples is None)
-    params = Params(theta, tuple(f_consts), tuple(lp_consts), tuple(sample_consts))
-    bound = binding.resolve(est, plan, model, params, x_struct, typed_key)
+    params = Params(theta, tuple(f_consts), tuple(lp_consts), tuple(dr.consts))
+    bound = binding.resolve(est, plan, model, params, dr.x_struct, dr.key)
     if samples is not None and bound.needs_key:
         raise TypeError(
             f"{est.name} draws its own samples (it differentiates through the sampler, draws "
             "noise of its own, or couples several draws per unit) and cannot use given samples; "
             "call sg.estimate_grad with a key."
         )
-    est = bound
-    if samples is None:
-        num_units = n // est.draws_per_unit
-    else:  # given samples: a unit reads one (a group: K consecutive ones)
-        k = est.samples_per_unit
-        n = validation.check_num_samples(num_samples, minimum=plan.min_units * k,
-                                         multiple_of=k, who=est.name, name="samples")
-        num_units = n // k
-    chunk = policy.chunk_size
-    if chunk is None:
-        chunk = engine.auto_chunk_size(num_units, *engine.elements_per_unit(x_struct, theta, est))
-    f_dtype = jax.tree_util.tree_leaves(f_struct)[0].dtype
-    return Problem(
-        model, est, params, typed_key, num_units, min(chunk, num_units),
-        stats.stats_dtype(f_dtype), policy, f_dtype,
-    )
+    num_units = _num_units(num_samples, plan, est.name, num_samples_name,
+                           bound.samples_per_unit if samples is not None else 0)
+    chunk = policy.chunk_size or engine.auto_chunk_size(
+        num_units, *engine.elements_per_unit(dr.x_struct, theta, bound))
+    return Problem(model, bound, params, dr.key, num_units, min(chunk, num_units),
+                   stats.stats_dtype(f_dtype), policy, f_dtype)
 
 
 def shifted(prob: Problem, params, key=None, samples=None) -> tuple[Problem, jax.Array]:
