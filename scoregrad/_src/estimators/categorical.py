@@ -306,7 +306,7 @@ def unordered_set(num_draws: int, *, max_support: int = 4096) -> Estimator:
       joint support, :math:`C^D` values for D categoricals of C categories (at most
       ``max_support``); one Gumbel per joint value per unit.
     * **Derivative order**: first order only (``max_order=1``).
-    * **Cost**: k evaluations of f per unit (``num_samples`` a multiple of k); O(k!·k³) for the
+    * **Cost**: k evaluations of f per unit (``num_samples`` a multiple of k); O(k!·k) for the
       set probabilities (k <= 8 accepted) and O(C^D) for the sampler.
 
     Args:
