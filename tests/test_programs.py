@@ -488,3 +488,40 @@ def test_bind_derives_terms_and_presample():
     assert (b.num_terms, b.min_units) == (T + 2, 2)
     b = sg.bind(PROG.estimator(sp.moving_average()), PROG.family, theta)
     assert (b.num_terms, b.stateful) == (2, True)
+
+
+_DEVICES_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+import scoregrad as sg, scoregrad.programs as sp
+assert len(jax.devices()) == 2
+p1, _ = sp.iterated_prisoners_dilemma(8)
+th = {"agent1": jnp.linspace(-1, 1, 5), "agent2": jnp.linspace(1, -1, 5)}
+for est in [p1.estimator(sp.leave_one_out())]:  # per-step statistics merged across devices
+    kw = dict(num_samples=64, estimator=est)
+    a = sg.estimate_grad(p1.f, p1.family, th, jax.random.key(0), **kw)
+    b = sg.estimate_grad(p1.f, p1.family, th, jax.random.key(0), devices="all", **kw)
+    np.testing.assert_allclose(a.grad["agent1"], b.grad["agent1"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(a.value, b.value, rtol=1e-12)
+    def cross(devices):
+        v = lambda t: sg.expectation(p1.f, p1.family, t, jax.random.key(0), devices=devices, **kw)
+        return jax.hessian(v)(th)["agent1"]["agent2"]
+    np.testing.assert_allclose(cross("all"), cross(None), rtol=1e-10, atol=1e-12)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_devices_all_matches_one_device(tmp_path):
+    """Programs sharded over two host devices: the same gradient, value and cross-Hessian."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
