@@ -15,6 +15,8 @@ from scoregrad._src.binding import Bound
 from scoregrad._src.binding import bind_public as bind
 from scoregrad._src.diagnostics import Diagnostics, diagnostics, timed_estimate
 from scoregrad._src.estimators.arm import arm, disarm
+from scoregrad._src.estimators.categorical import arsm, gumbel_top_k, unordered_set
+from scoregrad._src.estimators.categorical_rebar import categorical_rebar, categorical_relax
 from scoregrad._src.estimators.exact import enumerate, indecater
 from scoregrad._src.estimators.measure_valued import measure_valued
 from scoregrad._src.estimators.multisample import rloo, vimco
@@ -48,9 +50,12 @@ __all__ = [
     "UnitOut",
     "__version__",
     "arm",
+    "arsm",
     "auto",
     "baselines",
     "bind",
+    "categorical_rebar",
+    "categorical_relax",
     "control_variates",
     "diagnostics",
     "disarm",
@@ -62,6 +67,7 @@ __all__ = [
     "expectation_with_state",
     "families",
     "gumbel_softmax",
+    "gumbel_top_k",
     "importance",
     "indecater",
     "lm_rl",
@@ -75,6 +81,7 @@ __all__ = [
     "score_function",
     "straight_through",
     "straight_through_gumbel",
+    "unordered_set",
     "timed_estimate",
     "vimco",
 ]

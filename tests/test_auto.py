@@ -84,7 +84,8 @@ def test_default_candidates_for_discrete_families_include_rloo_and_disarm():
 
     names = [e.name for e in default_candidates(sg.families.bernoulli(), 256)]
     assert "rloo(4)" in names and "disarm" in names, names
-    names = [e.name for e in default_candidates(sg.families.categorical(), 256)]
+    names = [e.name for e in default_candidates(sg.families.categorical(), 256, jnp.zeros((2, 3)))]
     assert "rloo(4)" in names and "disarm" not in names, names
+    assert "unordered_set(4)" in names and "arsm" in names, names
     names = [e.name for e in default_candidates(sg.families.normal(), 256)]
     assert "rloo(4)" not in names, names

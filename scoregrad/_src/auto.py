@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from scoregrad._src.base import Estimator
+from scoregrad._src.binding import bind_public
 
 PyTree = Any
 _Z_DISAGREE = 6.0
@@ -92,11 +93,21 @@ class AutoReport(NamedTuple):
         return "\n".join(lines + ["", self.reason])
 
 
-def default_candidates(family, num_samples: int) -> list:
+def default_candidates(family, num_samples: int, theta=None) -> list:
     """Score function (plain, leave-one-out, optimal), pathwise where the family allows it,
     antithetic / QMC designs for families with ``capabilities.inverse_cdf``, and for discrete
-    families RLOO(4) and, for Bernoulli logits, DisARM."""
-    from scoregrad import baselines, disarm, pathwise, rloo, sampling, score_function
+    families RLOO(4) and, for Bernoulli logits, DisARM, for categorical logits the unordered-set
+    estimator (a joint support of at most 4096 values) and ARSM (3 or 4 categories)."""
+    from scoregrad import (
+        arsm,
+        baselines,
+        disarm,
+        pathwise,
+        rloo,
+        sampling,
+        score_function,
+        unordered_set,
+    )
 
     cands = [score_function(), score_function(baselines.leave_one_out()),
              score_function(baselines.optimal())]
@@ -105,6 +116,14 @@ def default_candidates(family, num_samples: int) -> list:
         cands.append(rloo(4))
     if caps.bernoulli_logits is not None and num_samples % 2 == 0:
         cands.append(disarm())
+    if caps.categorical_logits is not None and theta is not None:
+        for est in (unordered_set(4), arsm()):
+            try:  # applicable at this theta's shapes, and num_samples a multiple of its cost
+                b = bind_public(est, family, theta)
+            except (TypeError, ValueError):
+                continue
+            if num_samples % b.draws_per_unit == 0 and num_samples >= b.draws_per_unit * b.min_units:
+                cands.append(est)
     designable = family.capabilities.inverse_cdf is not None  # antithetic / QMC need it
     if family.reparameterized is not False:
         cands.append(pathwise())
@@ -199,7 +218,8 @@ def auto(f: Callable, family, theta: PyTree, key: jax.Array, *, num_samples: int
     from scoregrad import score_function
 
     _check(cost, repeats)
-    cands = list(default_candidates(family, num_samples) if candidates is None else candidates)
+    cands = list(default_candidates(family, num_samples, theta) if candidates is None
+                 else candidates)
     if not cands:
         raise ValueError("auto(candidates=...) must name at least one estimator.")
     for i, est in enumerate(cands):

@@ -171,7 +171,7 @@ def _categorical_log_prob_terms(logits, x):
     x = jnp.asarray(x)
     k = jnp.shape(logits)[-1]
     idx = x.astype(jnp.int32)
-    inside = (idx >= 0) & (idx < k) & (idx == x)  # idx == x: a non-integer index is outside
+    inside = (idx >= 0) & (idx < k) & (idx.astype(x.dtype) == x)  # a non-integer is outside
     idx = jnp.where(inside, idx, 0)
     picked = jnp.take_along_axis(logp, idx[..., None], axis=-1)[..., 0]
     return jnp.where(inside, picked, -jnp.inf)

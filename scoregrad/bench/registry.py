@@ -227,6 +227,33 @@ ESTIMATORS: list[EstimatorEntry] = [
         requires=frozenset({"kind:normal"}),
         description="score function over randomized (scrambled Halton) QMC blocks of 64 points",
     ),
+    EstimatorEntry(
+        name="arsm",
+        factory=lambda problem: sg.arsm(),
+        requires=frozenset({"kind:categorical"}),
+        description="ARSM (Yin, Yue & Zhou 2019): swaps of one Dirichlet draw, C(C-1)/2 + 1 "
+                    "evaluations per unit",
+    ),
+    EstimatorEntry(
+        name="unordered_set(4)",
+        factory=lambda problem: sg.unordered_set(4),
+        requires=frozenset({"kind:categorical"}),
+        description="unordered-set estimator (Kool et al. 2020): 4 draws without replacement, "
+                    "built-in baseline",
+    ),
+    EstimatorEntry(
+        name="categorical_rebar(0.5,1)",
+        factory=lambda problem: sg.categorical_rebar(0.5, 1.0),
+        requires=frozenset({"kind:categorical", "relaxable"}),
+        description="categorical REBAR (Tucker et al. 2017), conditional Gumbel, fixed "
+                    "temperature and eta",
+    ),
+    EstimatorEntry(
+        name="categorical_relax",
+        factory=lambda problem: sg.categorical_relax(),
+        requires=frozenset({"kind:categorical", "relaxable"}),
+        description="categorical RELAX (Grathwohl et al. 2018), learned control variate (stateful)",
+    ),
     # ^ add new EstimatorEntry(...) items above this line (one entry per estimator).
 ]
 

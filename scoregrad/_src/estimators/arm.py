@@ -58,10 +58,9 @@ def _check(who):
         caps = model.family.capabilities
         if caps.bernoulli_logits is None and caps.categorical_logits is not None:
             raise TypeError(
-                f"{who} is defined here for Bernoulli families only (categorical ARM is the "
-                "different ARSM estimator, not implemented). For categorical latents use "
-                "sg.score_function(baseline=sg.baselines.leave_one_out()) or "
-                "sg.gumbel_softmax(temperature)."
+                f"{who} is defined here for Bernoulli families only. For categorical latents "
+                "use sg.arsm() (categorical ARM), sg.unordered_set(k), sg.rloo(k) or "
+                "sg.score_function(baseline=sg.baselines.leave_one_out())."
             )
         make_check(who, categorical=False)(model, theta, x_struct)
 
@@ -101,7 +100,7 @@ _COMMON = r"""
       over theta also gets its direct gradient (in :func:`scoregrad.expectation`).
     * **Needs from the family**: ``family.capabilities.bernoulli_logits`` (the built-in
       :func:`scoregrad.families.bernoulli`, or an adapted numpyro/distrax Bernoulli; logits of
-      any shape); categorical raises TypeError (ARSM is not implemented), other families too. ``num_samples`` must be even: it counts evaluations of f, two per pair.
+      any shape); categorical raises TypeError (use :func:`scoregrad.arsm`), other families too. ``num_samples`` must be even: it counts evaluations of f, two per pair.
     * **Derivative order**: first order only. The surrogate is
       ``mean(f) + <stop_gradient(g), theta - stop_gradient(theta)>``, so ``jax.hessian`` of
       :func:`scoregrad.expectation` is **not** a Hessian estimate.
