@@ -1,6 +1,6 @@
 """scoregrad: Monte Carlo gradient estimation in JAX."""
 
-from scoregrad import baselines, control_variates, families, importance, lm_rl, sampling
+from scoregrad import baselines, control_variates, families, importance, lm_rl, programs, sampling
 from scoregrad._src.adaptive import AdaptiveEstimate, estimate_grad_adaptive
 from scoregrad._src.api import (
     GradEstimate,
@@ -74,6 +74,7 @@ __all__ = [
     "magic_box",
     "measure_valued",
     "pathwise",
+    "programs",
     "rebar",
     "relax",
     "rloo",
