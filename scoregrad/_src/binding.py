@@ -95,6 +95,23 @@ def _given(x_struct, k: int):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(lead + tuple(s.shape), s.dtype), x_struct)
 
 
+class _Probe(Draws):
+    """Draws for tracing a unit once: family draws are zeros of the draw's form (given samples
+    may have another dtype than the sampler's draws), noise is drawn; requests are recorded."""
+
+    def __init__(self, model, params, key, x_struct):
+        super().__init__(model, params, key=key)
+        self._form = x_struct
+
+    def sample(self, num=None):
+        self._stream("sample()" if num is None else f"sample(num={num})")
+        return _given(self._form, 1 if num is None else num)
+
+    def rsample(self):
+        self._stream("rsample()")
+        return _given(self._form, 1)
+
+
 def resolve(est: Estimator, plan: Plan, model, params, x_struct, key) -> Bound:
     """The :class:`Bound` estimator: ``plan`` with its derived properties (trace time)."""
     def probe(draws_of):
@@ -103,7 +120,7 @@ def resolve(est: Estimator, plan: Plan, model, params, x_struct, key) -> Bound:
     seen: list = []
 
     def keyed(p):
-        draws = Draws(model, p, key=jax.random.key(0) if key is None else key)
+        draws = _Probe(model, p, key=jax.random.key(0) if key is None else key, x_struct=x_struct)
         seen.append(draws)
         return draws
 
