@@ -35,7 +35,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, cast
 
 import jax
@@ -46,25 +45,14 @@ from scoregrad._src import engine
 from scoregrad._src.base import Estimator, Params, Plan, UnitOut, magic_box, no_update
 from scoregrad._src.binding import Bound
 from scoregrad._src.estimators.categorical import categorical_logits_struct
-from scoregrad._src.estimators.rebar_relax import RelaxState
+from scoregrad._src.estimators.rebar_relax import (
+    RelaxState,
+    check_optimizer,
+    rebar_settings,
+)
 from scoregrad._src.estimators.relaxed import check_temperature, f_input
 
 sg_ = jax.lax.stop_gradient
-
-
-def _real(value, name: str, who: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{who}: `{name}` must be a finite float; got {value!r}.")
-    return float(value)
-
-
-def _optimizer(optimizer, who: str):
-    if optimizer is None:
-        return optax.adam(1e-2)
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise TypeError(f"{who}: `optimizer` must be an optax.GradientTransformation, e.g. "
-                        f"optax.adam(1e-2); got {type(optimizer).__name__}.")
-    return optimizer
 
 
 def conditional_gumbel(log_p: jax.Array, onehot: jax.Array, v: jax.Array) -> jax.Array:
@@ -217,16 +205,8 @@ def categorical_rebar(temperature: float = 0.5, eta: float = 1.0, *, learn: bool
     References:
       Tucker et al., NeurIPS 2017.
     """
-    lam = check_temperature(temperature, "categorical_rebar")
-    eta = _real(eta, "eta", "categorical_rebar")
-    if not isinstance(learn, bool):
-        raise TypeError(f"categorical_rebar: `learn` must be True or False; got {learn!r}.")
-    optimizer = _optimizer(optimizer, "categorical_rebar")
-
-    def init_params(theta):
-        dtype = jnp.result_type(*jax.tree_util.tree_leaves(theta))
-        return {"eta": jnp.asarray(eta, dtype), "log_temperature": jnp.asarray(math.log(lam), dtype)}
-
+    _, _, optimizer, init_params = rebar_settings(temperature, eta, learn, optimizer,
+                                                  "categorical_rebar")
     return _estimator("categorical_rebar", rebar_cv, init_params, optimizer, learn)
 
 
@@ -260,7 +240,7 @@ def categorical_relax(*, temperature: float = 0.5, hidden: int = 16, seed: int =
     lam = check_temperature(temperature, "categorical_relax")
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"categorical_relax: `hidden` must be a positive int; got {hidden!r}.")
-    optimizer = _optimizer(optimizer, "categorical_relax")
+    optimizer = check_optimizer(optimizer, "categorical_relax")
 
     def init_params(theta):
         dtype = jnp.result_type(*jax.tree_util.tree_leaves(theta))

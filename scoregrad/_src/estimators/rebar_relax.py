@@ -119,7 +119,7 @@ def mlp_cv(omega, z, f_of):
     return rebar_cv(omega, z, f_of) + (h @ net["w2"] + net["b2"]).astype(y.dtype)
 
 
-def _check_optimizer(optimizer, who):
+def check_optimizer(optimizer, who):
     if optimizer is None:
         return optax.adam(1e-2)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
@@ -193,7 +193,7 @@ def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
     return Estimator(name, init, bind, no_update)
 
 
-def _real(value, name, who):
+def real_param(value, name: str, who: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{who}: `{name}` must be a finite float; got {value!r}.")
     return float(value)
@@ -249,17 +249,24 @@ def rebar(
     References:
       Tucker et al., NeurIPS 2017.
     """
-    lam = check_temperature(temperature, "rebar")
-    eta = _real(eta, "eta", "rebar")
+    lam, eta, optimizer, init_params = rebar_settings(temperature, eta, learn, optimizer, "rebar")
+    return _estimator(f"rebar({lam},{eta})", rebar_cv, init_params, optimizer, learn)
+
+
+def rebar_settings(temperature, eta, learn, optimizer, who: str):
+    """REBAR's checked settings ``(temperature, eta, optimizer, init_params)``; ``init_params``
+    gives the learnable ``{"eta", "log_temperature"}`` in theta's dtype."""
+    lam = check_temperature(temperature, who)
+    eta = real_param(eta, "eta", who)
     if not isinstance(learn, bool):
-        raise TypeError(f"rebar: `learn` must be True or False; got {learn!r}.")
-    optimizer = _check_optimizer(optimizer, "rebar")
+        raise TypeError(f"{who}: `learn` must be True or False; got {learn!r}.")
+    optimizer = check_optimizer(optimizer, who)
 
     def init_params(theta):
-        dtype = jnp.result_type(theta)
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(theta))
         return {"eta": jnp.asarray(eta, dtype), "log_temperature": jnp.asarray(math.log(lam), dtype)}
 
-    return _estimator(f"rebar({lam},{eta})", rebar_cv, init_params, optimizer, learn)
+    return lam, eta, optimizer, init_params
 
 
 def relax(
@@ -302,7 +309,7 @@ def relax(
     References:
       Grathwohl et al., ICLR 2018.
     """
-    optimizer = _check_optimizer(optimizer, "relax")
+    optimizer = check_optimizer(optimizer, "relax")
     if control_variate is not None:
         if not callable(control_variate):
             raise TypeError(
