@@ -234,8 +234,9 @@ def with_control_variates(
     is unbiased for every integrand, each such term has mean zero and any multiple of it can be
     subtracted; it helps where h tracks f on the same draws. Each is weighted by
     ``-coefficient``; with ``coefficient="optimal"`` the coefficients of all control variates
-    (and of any fitted baseline of ``estimator``, and of the constant 1, a control variate with
-    known mean 1 that lets the fit centre each h) are fitted jointly, per parameter coordinate,
+    (and of any fitted baseline of ``estimator``, and, when ``estimator`` centres f by a batch
+    baseline such as leave-one-out, of the constant 1, a control variate with known mean 1 that
+    lets the fit centre each h) are fitted jointly, per parameter coordinate,
     to minimise the variance, each fold of ``num_folds`` using coefficients fitted on the others:
     **unbiased**. Needs per-draw gradients (like :func:`scoregrad.baselines.optimal`).
     ``jax.hessian`` of :func:`scoregrad.expectation` stays unbiased for score-function bases.
@@ -291,12 +292,13 @@ def with_control_variates(
             )
         k_in = binding.num_terms(plan, target, inner.init)
         resolved = [_resolved(c, target.family) for c in cvs]
-        if optimal:
-            # The constant 1 (known mean 1) is a control variate for every estimator: fitted
-            # beside the others it lets the fit centre them (for a score function it is the
-            # optimal constant baseline; for pathwise a zero term the ridge ignores). Without
-            # it, h's mean times the score stayed in the h terms and, next to an f term centred
-            # by a baseline (leave-one-out), the fit kept 1/1800 of the control variate's gain.
+        if optimal and plan.weights is not None and not plan.fitted:
+            # An inner estimator that centres f by a batch baseline (leave-one-out, batch mean)
+            # needs its control variates centred too: the constant 1 (known mean 1) is then
+            # fitted beside them. Without it, h's mean times the score stayed in the h terms and
+            # the fit kept 1/1800 of the control variate's gain. (Not added elsewhere: for
+            # estimators whose term on a constant is zero up to rounding, e.g. IndeCateR, it
+            # would be a near-zero column in the fit.)
             resolved.append(_CONSTANT)
 
         def unit(model, params, draws, state):
