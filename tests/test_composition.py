@@ -102,7 +102,8 @@ def test_measure_valued_with_cv_is_no_longer_a_plain_measure_valued(x64):
     r = sg.estimate_grad(f_bern, BERN, theta, jax.random.key(1), num_samples=30, estimator=est)
     # h == f with coefficient 1: the estimate is grad mean(h) exactly, for every draw
     np.testing.assert_allclose(r.grad, _truth(f_bern, theta), rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(r.stderr, 0.0, atol=1e-12)
+    # zero up to rounding: the variance of equal terms is O(eps * g^2), its root O(1e-9 * |g|)
+    np.testing.assert_allclose(r.stderr, 0.0, atol=1e-8)
 
 
 # ------------------------------------------- 2. control variates: the estimator applied to h

@@ -78,15 +78,17 @@ def test_relax_exactly_unbiased_with_arbitrary_network(x64):
 
 
 def test_engine_wiring_matches_surrogate(x64):
-    """estimate_grad's unit i draws (L, v) from fold_in(key, i) split in two: exact check."""
+    """estimate_grad's unit i draws L from its key k = fold_in(key, i) (the first stream) and v
+    from fold_in(k, 2^31 + 1) (the second, see sg.Draws): exact check."""
     theta, key, f = jnp.asarray([0.2, -0.7]), jax.random.key(12), toy(0.45)
     est = sg.rebar(0.4, 1.3, learn=False)
     r = sg.estimate_grad(f, FAM, theta, key, num_samples=3, estimator=est)
     gs = []
     for i in range(3):
-        ku, kv = jax.random.split(jax.random.fold_in(key, i))
+        ku = jax.random.fold_in(key, i)
+        kv = jax.random.fold_in(ku, 2**31 + 1)
         eps = jax.random.logistic(ku, (2,), jnp.float64)
-        v = jax.random.uniform(kv, (2,), jnp.float64, minval=jnp.finfo(jnp.float64).tiny)
+        v = jnp.maximum(jax.random.uniform(kv, (2,), jnp.float64), jnp.finfo(jnp.float64).tiny)
         term = lambda t: relax_surrogate(f, FAM.log_prob, rebar_cv, _rebar_omega(0.4, 1.3),  # noqa: E731
                                          t, eps, v)[0]
         gs.append(jax.grad(term)(theta))
