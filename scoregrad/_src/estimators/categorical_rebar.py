@@ -34,21 +34,20 @@ References:
 
 from __future__ import annotations
 
-import math
-from typing import Optional, cast
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from scoregrad._src import engine
-from scoregrad._src.base import Estimator, Params, Plan, UnitOut, magic_box, no_update
-from scoregrad._src.binding import Bound
+from scoregrad._src.base import Estimator, magic_box
 from scoregrad._src.estimators.categorical import categorical_logits_struct
 from scoregrad._src.estimators.rebar_relax import (
-    RelaxState,
+    check_hidden,
     check_optimizer,
+    mlp_params,
     rebar_settings,
+    relax_estimator,
 )
 from scoregrad._src.estimators.relaxed import check_temperature, f_input
 
@@ -110,58 +109,10 @@ def _unit_term(model, params, draws, cv, omega, draw):
                            cv, omega, th, g, v)
 
 
-def _learn_fn(cv, optimizer):
-    """Minimizes the mean over this call's units of ||g_i||^2 in the control variate's parameters
-    (the same draws as the estimate: the same unit keys, streams in order)."""
-
-    def learn(model, params, key, state, num_units, chunk_units):
-        dtype = jnp.result_type(*jax.tree_util.tree_leaves(params.theta))
-        draw = jax.eval_shape(lambda: model.draw(params, key)).dtype
-
-        def sq_unit(model_, p, draws, st_):
-            del model_, st_
-            g = jax.grad(lambda th: _unit_term(model, params._replace(theta=th), draws.replay(),
-                                               cv, p.theta, draw)[0])(params.theta)
-            sq = cast(jax.Array, sum(jnp.sum(jnp.square(leaf))
-                                     for leaf in jax.tree_util.tree_leaves(g))).astype(dtype)
-            return UnitOut(sq[None], sg_(sq)[None])
-
-        pseudo = Bound("categorical_relax_variance", Plan(sq_unit), lambda t: (), no_update,
-                       num_terms=1, needs_key=True, presample=False, stateful=False)
-        out = engine.run(model, pseudo, Params(state.params), state, num_units=num_units,
-                         chunk_units=chunk_units, mode="grad", dtype=dtype, key=key)
-        assert out.grad_sums is not None  # mode="grad" always returns the gradient sums
-        grads = jax.tree_util.tree_map(lambda g: g[0] / jnp.asarray(num_units, g.dtype),
-                                       out.grad_sums.theta)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = RelaxState(optax.apply_updates(state.params, updates), opt_state)
-        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
-
-    return learn
-
-
 def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
-    def bind(target):
-        categorical_logits_struct(target, f"{name}()")
-        draw = jax.tree_util.tree_leaves(target.x_struct)[0].dtype
-
-        def unit(model, params, draws, state):
-            omega = state.params if learn else init_params(params.theta)
-            term, fb = _unit_term(model, params, draws, cv, omega, draw)
-            return UnitOut(term[None], sg_(fb)[None])
-
-        return Plan(unit, f_input=f_input, learn=_learn_fn(cv, optimizer) if learn else None,
-                    max_order=1)
-
-    def init(theta):
-        if not learn:
-            return ()
-        p = init_params(theta)
-        return RelaxState(p, optimizer.init(p))
-
-    return Estimator(name, init, bind, no_update)
+    return relax_estimator(name, cv, init_params, optimizer, learn, unit_term=_unit_term,
+                           check=lambda target: categorical_logits_struct(target, f"{name}()"),
+                           label="categorical_relax_variance", f_input=f_input)
 
 
 _COMMON = r"""
@@ -238,20 +189,10 @@ def categorical_relax(*, temperature: float = 0.5, hidden: int = 16, seed: int =
       Grathwohl et al., ICLR 2018.
     """
     lam = check_temperature(temperature, "categorical_relax")
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"categorical_relax: `hidden` must be a positive int; got {hidden!r}.")
+    hidden = check_hidden(hidden, "categorical_relax")
     optimizer = check_optimizer(optimizer, "categorical_relax")
-
-    def init_params(theta):
-        dtype = jnp.result_type(*jax.tree_util.tree_leaves(theta))
-        d = int(sum(jnp.size(t) for t in jax.tree_util.tree_leaves(theta)))
-        w1 = jax.random.normal(jax.random.key(seed), (d, hidden), dtype) / math.sqrt(d)
-        mlp = {"w1": w1, "b1": jnp.zeros(hidden, dtype), "w2": jnp.zeros(hidden, dtype),
-               "b2": jnp.zeros((), dtype)}
-        return {"eta": jnp.ones((), dtype), "log_temperature": jnp.asarray(math.log(lam), dtype),
-                "mlp": mlp}
-
-    return _estimator("categorical_relax", mlp_cv, init_params, optimizer, True)
+    return _estimator("categorical_relax", mlp_cv,
+                      lambda theta: mlp_params(theta, lam, hidden, seed), optimizer, True)
 
 
 if categorical_rebar.__doc__:  # None under python -OO

@@ -130,26 +130,30 @@ def check_optimizer(optimizer, who):
     return optimizer
 
 
-def _learn_fn(cv, optimizer):
-    """Minimizes the mean over this call's units of ||g_i||^2 w.r.t. the CV parameters."""
+def learn_fn(unit_term, cv, optimizer, label: str):
+    """The learning step of REBAR/RELAX (Bernoulli and categorical): one optimizer step on the
+    mean over this call's units of ||g_i||^2 w.r.t. the control variate's parameters.
+
+    ``unit_term(model, params, draws, cv, omega, draw) -> (term, f(b))`` is the estimator's unit
+    surrogate; ``label`` names the variance pseudo-estimator run on the engine.
+    """
 
     def learn(model, params, key, state, num_units, chunk_units):
         omega = state.params
-        dtype = jnp.result_type(params.theta)
-
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(params.theta))
         draw = jax.eval_shape(lambda: model.draw(params, key)).dtype
 
         def sq_unit(model_, p, draws, st_):
             del model_, st_
             # the same noise as the estimate's unit (the same unit key, streams in order)
-            g = jax.grad(lambda th: _unit_term(model, params._replace(theta=th), draws.replay(),
-                                               cv, p.theta, draw)[0])(params.theta)
+            g = jax.grad(lambda th: unit_term(model, params._replace(theta=th), draws.replay(),
+                                              cv, p.theta, draw)[0])(params.theta)
             # theta has at least one leaf (validation.check_theta): the sum is an array, not 0
             sq = cast(jax.Array, sum(jnp.sum(jnp.square(leaf))
                                      for leaf in jax.tree_util.tree_leaves(g))).astype(dtype)
             return UnitOut(sq[None], sg_(sq)[None])
 
-        pseudo = Bound("relax_variance", Plan(sq_unit), lambda t: (), no_update, num_terms=1,
+        pseudo = Bound(label, Plan(sq_unit), lambda t: (), no_update, num_terms=1,
                        needs_key=True, presample=False, stateful=False)
         out = engine.run(
             model, pseudo, Params(omega), state, num_units=num_units, chunk_units=chunk_units,
@@ -169,20 +173,46 @@ def _learn_fn(cv, optimizer):
     return learn
 
 
-def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
-    check = make_check(f"{name}()", categorical=False, fix=" (REBAR/RELAX support Bernoulli "
-                       "only; for categorical use sg.gumbel_softmax or the score function).")
+def mlp_params(theta, temperature: float, hidden: int, seed: int) -> dict:
+    """RELAX's default control-variate parameters in theta's dtype: ``eta = 1``, the
+    temperature, and a one-hidden-layer MLP whose output layer is zero (training starts at
+    REBAR); the input size is the number of entries of theta."""
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(theta))
+    d = int(sum(jnp.size(t) for t in jax.tree_util.tree_leaves(theta)))
+    w1 = jax.random.normal(jax.random.key(seed), (d, hidden), dtype) / math.sqrt(d)
+    mlp = {"w1": w1, "b1": jnp.zeros(hidden, dtype), "w2": jnp.zeros(hidden, dtype),
+           "b2": jnp.zeros((), dtype)}
+    return {"eta": jnp.ones((), dtype), "log_temperature": jnp.asarray(math.log(temperature), dtype),
+            "mlp": mlp}
+
+
+def check_hidden(hidden, who: str) -> int:
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"{who}: `hidden` must be a positive int; got {hidden!r}.")
+    return hidden
+
+
+def relax_estimator(name, cv, init_params, optimizer, learn: bool, *, unit_term, check,
+                    label: str, f_input=None) -> Estimator:
+    """A REBAR/RELAX estimator (Bernoulli or categorical) from its unit surrogate.
+
+    ``check(target)`` is the bind-time check of the family, ``unit_term`` the surrogate of one
+    unit (see :func:`learn_fn`), ``init_params(theta)`` the control variate's parameters: fixed
+    when ``learn`` is False (stateless), else trained after every estimate (state
+    :class:`RelaxState`).
+    """
 
     def bind(target):
-        check(target, target.theta, target.x_struct)
+        check(target)
         draw = jax.tree_util.tree_leaves(target.x_struct)[0].dtype  # log_prob takes its dtype
 
         def unit(model, params, draws, state):
             omega = state.params if learn else init_params(params.theta)
-            term, fb = _unit_term(model, params, draws, cv, omega, draw)
+            term, fb = unit_term(model, params, draws, cv, omega, draw)
             return UnitOut(term[None], sg_(fb)[None])
 
-        return Plan(unit, learn=_learn_fn(cv, optimizer) if learn else None, max_order=1)
+        return Plan(unit, f_input=f_input, max_order=1,
+                    learn=learn_fn(unit_term, cv, optimizer, label) if learn else None)
 
     def init(theta):
         if not learn:
@@ -191,6 +221,14 @@ def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
         return RelaxState(p, optimizer.init(p))
 
     return Estimator(name, init, bind, no_update)
+
+
+def _estimator(name, cv, init_params, optimizer, learn: bool) -> Estimator:
+    check = make_check(f"{name}()", categorical=False, fix=" (REBAR/RELAX support Bernoulli "
+                       "only; for categorical use sg.gumbel_softmax or the score function).")
+    return relax_estimator(name, cv, init_params, optimizer, learn, unit_term=_unit_term,
+                           check=lambda target: check(target, target.theta, target.x_struct),
+                           label="relax_variance")
 
 
 def real_param(value, name: str, who: str) -> float:
@@ -320,18 +358,9 @@ def relax(
             raise ValueError("relax: a user `control_variate` needs its initial `cv_params`.")
         return _estimator("relax(custom)", control_variate, lambda theta: cv_params, optimizer, True)
     lam = check_temperature(temperature, "relax")
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"relax: `hidden` must be a positive int; got {hidden!r}.")
-
-    def init_params(theta):
-        dtype, d = jnp.result_type(theta), int(jnp.size(theta))
-        w1 = jax.random.normal(jax.random.key(seed), (d, hidden), dtype) / math.sqrt(d)
-        mlp = {"w1": w1, "b1": jnp.zeros(hidden, dtype), "w2": jnp.zeros(hidden, dtype),
-               "b2": jnp.zeros((), dtype)}
-        return {"eta": jnp.ones((), dtype), "log_temperature": jnp.asarray(math.log(lam), dtype),
-                "mlp": mlp}
-
-    return _estimator(f"relax({lam})", mlp_cv, init_params, optimizer, True)
+    hidden = check_hidden(hidden, "relax")
+    return _estimator(f"relax({lam})", mlp_cv, lambda theta: mlp_params(theta, lam, hidden, seed),
+                      optimizer, True)
 
 
 if rebar.__doc__:  # None under python -OO
