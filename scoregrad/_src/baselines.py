@@ -66,6 +66,16 @@ class MovingAverageState(NamedTuple):
     steps: jax.Array
 
 
+def check_decay(decay: float, who: str = "moving_average") -> float:
+    """A moving average's ``decay`` as a float in ``[0, 1)``; ``TypeError``/``ValueError``
+    naming ``who(decay=...)`` otherwise."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+        raise TypeError(f"{who}(decay=...) must be a float in [0, 1); got {decay!r}.")
+    if not 0.0 <= float(decay) < 1.0:
+        raise ValueError(f"{who}(decay=...) must be in [0, 1); got {decay}.")
+    return float(decay)
+
+
 def moving_average(decay: float = 0.9) -> Baseline:
     r"""Exponential moving average of past batch means of f, bias-corrected as in Adam.
 
@@ -79,11 +89,7 @@ def moving_average(decay: float = 0.9) -> Baseline:
     Args:
       decay: weight of the past in ``[0, 1)``.
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise TypeError(f"moving_average(decay=...) must be a float in [0, 1); got {decay!r}.")
-    if not 0.0 <= float(decay) < 1.0:
-        raise ValueError(f"moving_average(decay=...) must be in [0, 1); got {decay}.")
-    decay = float(decay)
+    decay = check_decay(decay)
 
     def init(dtype):
         return MovingAverageState(jnp.zeros((), dtype), jnp.zeros((), jnp.int32))

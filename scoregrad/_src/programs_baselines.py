@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src.baselines import LearnedState, MovingAverageState
+from scoregrad._src.baselines import LearnedState, MovingAverageState, check_decay
 
 PyTree = Any
 __all__ = ["StepBaseline", "cost_to_go", "group_leave_one_out", "leave_one_out", "moving_average", "none",
@@ -128,11 +128,7 @@ def moving_average(decay: float = 0.9) -> StepBaseline:
     Args:
       decay: weight of the past in ``[0, 1)``.
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise TypeError(f"moving_average(decay=...) must be a float in [0, 1); got {decay!r}.")
-    if not 0.0 <= float(decay) < 1.0:
-        raise ValueError(f"moving_average(decay=...) must be in [0, 1); got {decay}.")
-    decay = float(decay)
+    decay = check_decay(decay)
 
     def init(t, dtype):
         return MovingAverageState(jnp.zeros((t,), dtype), jnp.zeros((t,), jnp.int32))
