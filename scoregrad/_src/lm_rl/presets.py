@@ -61,6 +61,20 @@ def config(name: str, **options: Any) -> LossConfig:
     return PRESETS[name]._replace(**options)
 
 
+# The arguments and return value every named loss shares: each docstring's ``{args}`` (so that
+# help() and the API page show them in full; docs/griffe_docstrings.py renders the result).
+_ARGS = """Args:
+        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
+        mask: 1 on real tokens, 0 on padding, same shape.
+        rewards: ``(K,)`` or ``(G, K)``.
+        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
+        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
+        **options: fields of :class:`LossConfig` overriding the preset.
+
+    Returns:
+        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction."""
+
+
 def _run(name, logp, mask, rewards, old_logp, ref_logp, options) -> jax.Array:
     return sequence_loss(logp, mask, rewards, config=config(name, **options),
                          old_logp=old_logp, ref_logp=ref_logp)
@@ -73,16 +87,8 @@ def reinforce_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
 
     Unbiased on-policy: $\mathbb E[-\nabla\text{loss}] = \nabla\,\mathbb E[R]$ (exact in
     ``tests/test_lm_rl.py``); with ``ratio="sequence"`` also off-policy. Needs only reward values.
-    Args:
-        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
-        mask: 1 on real tokens, 0 on padding, same shape.
-        rewards: ``(K,)`` or ``(G, K)``.
-        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
-        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
-        **options: fields of :class:`LossConfig` overriding the preset.
 
-    Returns:
-        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    {args}
     """
     return _run("reinforce", logp, mask, rewards, old_logp, ref_logp, options)
 
@@ -97,16 +103,7 @@ def rloo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
     ``kl_coef``, ``kl_estimator="k1"`` and ``kl_in="reward"`` (or ``"reward_to_go"``) unbiased
     for $\nabla(\mathbb E[R] - \beta\,\mathrm{KL}(p\,\|\,p_{\rm ref}))$.
 
-    Args:
-        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
-        mask: 1 on real tokens, 0 on padding, same shape.
-        rewards: ``(K,)`` or ``(G, K)``.
-        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
-        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
-        **options: fields of :class:`LossConfig` overriding the preset.
-
-    Returns:
-        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    {args}
 
     Examples:
         >>> import jax.numpy as jnp
@@ -128,16 +125,8 @@ def grpo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
 
     **Biased** in direction, not only in scale: the std scaling and the $1/|o_i|$ each bias it
     (exact table in ``docs/lm-rl.md``).
-    Args:
-        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
-        mask: 1 on real tokens, 0 on padding, same shape.
-        rewards: ``(K,)`` or ``(G, K)``.
-        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
-        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
-        **options: fields of :class:`LossConfig` overriding the preset.
 
-    Returns:
-        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    {args}
     """
     return _run("grpo", logp, mask, rewards, old_logp, ref_logp, options)
 
@@ -151,16 +140,8 @@ def dr_grpo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
     Unbiased up to a constant: on-policy $\mathbb E[-\nabla\text{loss}] =
     \frac{K-1}{K\,C}\nabla\,\mathbb E[R]$ exactly (the group mean includes the completion's
     own reward).
-    Args:
-        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
-        mask: 1 on real tokens, 0 on padding, same shape.
-        rewards: ``(K,)`` or ``(G, K)``.
-        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
-        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
-        **options: fields of :class:`LossConfig` overriding the preset.
 
-    Returns:
-        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    {args}
     """
     return _run("dr_grpo", logp, mask, rewards, old_logp, ref_logp, options)
 
@@ -173,16 +154,8 @@ def dapo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
 
     **Biased** (std scaling; the token-count normaliser depends on the draws). Dynamic sampling
     is not part of the loss (see ``docs/lm-rl.md``).
-    Args:
-        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
-        mask: 1 on real tokens, 0 on padding, same shape.
-        rewards: ``(K,)`` or ``(G, K)``.
-        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
-        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
-        **options: fields of :class:`LossConfig` overriding the preset.
 
-    Returns:
-        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    {args}
     """
     return _run("dapo", logp, mask, rewards, old_logp, ref_logp, options)
 
@@ -195,16 +168,8 @@ def gspo_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
     completions.
 
     **Biased** (std scaling, length normalisation); on-policy its expected update equals GRPO's.
-    Args:
-        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
-        mask: 1 on real tokens, 0 on padding, same shape.
-        rewards: ``(K,)`` or ``(G, K)``.
-        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
-        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
-        **options: fields of :class:`LossConfig` overriding the preset.
 
-    Returns:
-        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    {args}
     """
     return _run("gspo", logp, mask, rewards, old_logp, ref_logp, options)
 
@@ -217,16 +182,8 @@ def reinforce_pp_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
     mean.
 
     **Biased** (the batch whitening divides by a standard deviation of the draws).
-    Args:
-        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
-        mask: 1 on real tokens, 0 on padding, same shape.
-        rewards: ``(K,)`` or ``(G, K)``.
-        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
-        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
-        **options: fields of :class:`LossConfig` overriding the preset.
 
-    Returns:
-        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    {args}
     """
     return _run("reinforce_pp", logp, mask, rewards, old_logp, ref_logp, options)
 
@@ -240,15 +197,14 @@ def ppo_clip_loss(logp: ArrayLike, mask: ArrayLike, rewards: ArrayLike, *,
     On-policy the clip is inactive (same gradient as unclipped, for every sample); biased with
     the token mean, unbiased with ``aggregation="sequence"``. Off-policy the per-token ratio is
     biased; ``ratio="sequence"`` without clipping is not.
-    Args:
-        logp: token log-probabilities under the current policy, ``(K, T)`` or ``(G, K, T)``.
-        mask: 1 on real tokens, 0 on padding, same shape.
-        rewards: ``(K,)`` or ``(G, K)``.
-        old_logp: behaviour-policy token log-probabilities (off-policy); ``None``: on-policy.
-        ref_logp: reference-policy token log-probabilities (needed with ``kl_coef``).
-        **options: fields of :class:`LossConfig` overriding the preset.
 
-    Returns:
-        A scalar loss to minimise; ``-jax.grad`` of it is the method's update direction.
+    {args}
     """
     return _run("ppo_clip", logp, mask, rewards, old_logp, ref_logp, options)
+
+
+for _loss in (reinforce_loss, rloo_loss, grpo_loss, dr_grpo_loss, dapo_loss, gspo_loss,
+              reinforce_pp_loss, ppo_clip_loss):
+    if _loss.__doc__:  # None under python -OO
+        _loss.__doc__ = _loss.__doc__.replace("{args}", _ARGS)
+del _loss
