@@ -1,0 +1,8 @@
+"""The ELBO of a NumPyro model and guide with one estimator per sample site (DiCE credit).
+
+``import scoregrad.numpyro_sites as ns``; see docs/numpyro.md. Needs numpyro.
+"""
+
+from scoregrad._src.numpyro_sites import SiteBaseline, SiteELBO, elbo, group_leave_one_out
+
+__all__ = ["SiteBaseline", "SiteELBO", "elbo", "group_leave_one_out"]

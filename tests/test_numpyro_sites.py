@@ -1,0 +1,362 @@
+"""Per-site estimators for NumPyro programs (scoregrad.numpyro_sites): the ELBO gradient against
+a closed form x enumeration and against numpyro's TraceGraph_ELBO; exact gradient and Hessian by
+enumeration where TraceGraph_ELBO's Hessian is wrong; the engine's contract (chunks, jit, vmap,
+dtypes); refusals."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro import handlers
+from numpyro.infer import TraceGraph_ELBO
+from stats_util import assert_rejects, assert_unbiased, replicate_stats
+
+import scoregrad as sg
+import scoregrad.numpyro_sites as ns
+from scoregrad._src.base import Draws, Model, Params
+
+Y = 0.7
+
+
+# --------------------------------------------- a discrete and a continuous latent, and a guide
+
+def mixed_model():
+    c = numpyro.sample("c", dist.Bernoulli(probs=0.4))
+    z = numpyro.sample("z", dist.Normal(2.0 * c - 1.0, 1.0))
+    numpyro.sample("y", dist.Normal(z, 0.5), obs=Y)
+
+
+def mixed_guide():
+    c = numpyro.sample("c", dist.Bernoulli(logits=numpyro.param("a", 0.0)))
+    loc = numpyro.param("m0", 0.0) + numpyro.param("m1", 0.0) * c
+    numpyro.sample("z", dist.Normal(loc, jnp.exp(numpyro.param("s", 0.0))))
+
+
+def _mixed_theta(dtype=jnp.float64):
+    return {k: jnp.asarray(v, dtype) for k, v in
+            {"a": 0.3, "m0": -0.2, "m1": 0.9, "s": -0.3}.items()}
+
+
+def _gauss_parts(th, c):
+    """E_{z ~ q(z|c)} of log q(z|c) - log p(z|c) - log p(y|z), in closed form."""
+    mu, sig2 = th["m0"] + th["m1"] * c, jnp.exp(2 * th["s"])
+    ent = -0.5 * jnp.log(2 * jnp.pi) - th["s"] - 0.5
+    prior = -0.5 * jnp.log(2 * jnp.pi) - 0.5 * ((mu - (2 * c - 1)) ** 2 + sig2)
+    lik = -0.5 * jnp.log(2 * jnp.pi * 0.25) - ((Y - mu) ** 2 + sig2) / (2 * 0.25)
+    return ent - prior - lik
+
+
+def _mixed_exact(th, credit_c_for_z=True):
+    """The negative ELBO by enumeration over c and a closed form over z. With
+    ``credit_c_for_z=False``, the objective whose gradient forgets that c changes the
+    distribution of z (the z costs not credited to c): a wrong answer the tests must reject."""
+    total = 0.0
+    for c in (0.0, 1.0):
+        qc = jax.nn.sigmoid(th["a"]) if c else jax.nn.sigmoid(-th["a"])
+        pc = 0.4 if c else 0.6
+        w = qc if credit_c_for_z else jax.lax.stop_gradient(qc)
+        total = total + qc * (jnp.log(qc) - jnp.log(pc)) + w * _gauss_parts(th, c)
+    return total
+
+
+def _vec(g):
+    return np.array([g[k] for k in ("a", "m0", "m1", "s")], np.float64)
+
+
+# --------------------------------------------- a discrete-only guide (everything enumerable)
+
+def disc_model():
+    c1 = numpyro.sample("c1", dist.Bernoulli(probs=0.3))
+    c2 = numpyro.sample("c2", dist.Bernoulli(logits=-1.0 + 2.0 * c1))
+    numpyro.sample("y", dist.Normal(c1 + c2, 1.0), obs=1.3)
+
+
+def disc_guide():
+    c1 = numpyro.sample("c1", dist.Bernoulli(logits=numpyro.param("a", 0.0)))
+    numpyro.sample("c2", dist.Bernoulli(logits=numpyro.param("b", 0.0)
+                                        + numpyro.param("w", 0.0) * c1))
+
+
+OUTCOMES = [dict(c1=jnp.int32(i), c2=jnp.int32(j)) for i, j in itertools.product([0, 1], [0, 1])]
+
+
+def _disc_theta():
+    return {"a": jnp.float64(0.4), "b": jnp.float64(-0.3), "w": jnp.float64(1.1)}
+
+
+def _q(th, x):
+    """The guide's probability of an outcome (enumeration weight, differentiable)."""
+    lq = dist.Bernoulli(logits=th["a"]).log_prob(x["c1"]) + dist.Bernoulli(
+        logits=th["b"] + th["w"] * x["c1"]).log_prob(x["c2"])
+    return jnp.exp(lq)
+
+
+def _disc_exact(th):
+    """The negative ELBO by enumerating the four outcomes."""
+    p = ns.elbo(disc_model, disc_guide)
+    return sum(_q(th, x) * p.cost(th, x) for x in OUTCOMES)
+
+
+def _surrogate(p, theta, est=None):
+    """The estimator's surrogate s(theta, x) on a given draw (a group of draws for a group
+    baseline), from the bound unit: its derivatives of every order are the estimator's."""
+    est = p.estimator if est is None else est
+    bound = sg.bind(est, p.family, theta)
+    model = Model(p.f(theta), p.family.log_prob, p.family.sample, p.family, False)
+
+    def s(th, x):
+        params = Params(th)
+        return bound.unit(model, params, Draws(model, params, x=x), ()).terms[0]
+
+    return s
+
+
+def _expect(fn, weights_and_draws):
+    """sum_i w_i fn(x_i), with fn jitted and vmapped over the stacked draws."""
+    w = np.array([wi for wi, _ in weights_and_draws])
+    xs = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[x for _, x in weights_and_draws])
+    out = jax.jit(jax.vmap(fn))(xs)
+    return jax.tree_util.tree_map(lambda a: np.tensordot(w, np.asarray(a), axes=1), out)
+
+
+def _close(a, b, rtol=1e-10, atol=1e-12):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol),
+                           a, b)
+
+
+def _differ(a, b, min_gap=1e-3):
+    gap = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    assert gap > min_gap, f"the two agree to {gap}"
+
+
+# ---------------------------------------------------------------- structure
+
+def test_sites_and_dependencies():
+    """Automatic choice (score for the Bernoulli, pathwise for the Normal) and the dependence of
+    every cost on the score sites: c influences every cost (z's distribution depends on it); in
+    the discrete model c2 does not influence log q(c1) or log p(c1)."""
+    p = ns.elbo(mixed_model, mixed_guide)
+    theta = _mixed_theta(jnp.float32)
+    assert p.sites(theta) == {"c": "score", "z": "pathwise"}
+    x = jax.eval_shape(p.family.sample, theta, jax.random.key(0))
+    g, m, score, d = p.runner.structure(theta, x)
+    assert (g, m, score) == (["c", "z"], ["c", "y", "z"], ["c"]) and d.all()
+    q = ns.elbo(disc_model, disc_guide)
+    th = {"a": jnp.float32(0.0), "b": jnp.float32(0.0), "w": jnp.float32(0.0)}
+    x = jax.eval_shape(q.family.sample, th, jax.random.key(0))
+    g, m, score, d = q.runner.structure(th, x)
+    rows = dict(zip([f"q:{n}" for n in g] + [f"p:{n}" for n in m], d.tolist()))
+    assert score == ["c1", "c2"]
+    assert rows == {"q:c1": [True, False], "q:c2": [True, True], "p:c1": [True, False],
+                    "p:c2": [True, True], "p:y": [True, True]}
+    assert ns.elbo(mixed_model, mixed_guide, site_estimators={"z": "score"}).sites(theta) == {
+        "c": "score", "z": "score"}
+    assert set(p.init_params()) == {"a", "m0", "m1", "s"}
+
+
+# ---------------------------------------------------------------- exact, by enumeration
+
+@pytest.mark.parametrize("baseline", [None, 2])
+def test_exact_gradient_and_hessian_discrete(x64, baseline):
+    """Score sites only: E over every outcome (every pair with the group baseline) of the
+    surrogate's value, gradient and Hessian equal the exact ones (rtol 1e-10)."""
+    bl = None if baseline is None else ns.group_leave_one_out(baseline)
+    p = ns.elbo(disc_model, disc_guide, baseline=bl)
+    theta = _disc_theta()
+    s = _surrogate(p, theta)
+    if baseline is None:
+        draws = [(float(_q(theta, x)), jax.tree_util.tree_map(lambda a: a[None], x))
+                 for x in OUTCOMES]
+    else:
+        draws = [(float(_q(theta, x) * _q(theta, y)),
+                  jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), x, y))
+                 for x, y in itertools.product(OUTCOMES, OUTCOMES)]
+    _close(_expect(lambda x: s(theta, x), draws), _disc_exact(theta))
+    _close(_expect(lambda x: jax.grad(s)(theta, x), draws), jax.grad(_disc_exact)(theta))
+    _close(_expect(lambda x: jax.hessian(s)(theta, x), draws), jax.hessian(_disc_exact)(theta))
+
+
+def test_exact_gradient_through_the_public_api(x64):
+    """sum_x q(x) * estimate_grad_from_samples(one outcome x) is the exact gradient."""
+    p = ns.elbo(disc_model, disc_guide)
+    theta = _disc_theta()
+
+    def one(x):
+        xs = jax.tree_util.tree_map(lambda a: a[None], x)
+        return sg.estimate_grad_from_samples(p.f(theta), p.family, theta, xs,
+                                             estimator=p.estimator).grad
+
+    _close(_expect(one, [(float(_q(theta, x)), x) for x in OUTCOMES]),
+           jax.grad(_disc_exact)(theta))
+
+
+def test_tracegraph_hessian_is_wrong_ours_is_right(x64):
+    """numpyro's TraceGraph_ELBO on each outcome (the guide substituted): its expected
+    gradient is exact, its expected Hessian is not; ours (previous test) is. A naive surrogate
+    (TraceGraph's form written with the same costs) gives TraceGraph's Hessian."""
+    theta = _disc_theta()
+    draws = [(float(_q(theta, x)), x) for x in OUTCOMES]
+
+    def tg_loss(th, x):
+        # the guide seeded first, so that TraceGraph_ELBO's provenance pass finds a key
+        guide = handlers.substitute(handlers.seed(disc_guide, 0), data=x)
+        return TraceGraph_ELBO().loss(jax.random.key(0), th, disc_model, guide)
+
+    tg_grad = _expect(lambda x: jax.grad(tg_loss)(theta, x), draws)
+    tg_hess = _expect(lambda x: jax.hessian(tg_loss)(theta, x), draws)
+    _close(tg_grad, jax.grad(_disc_exact)(theta), rtol=1e-8)
+    _differ(tg_hess, jax.hessian(_disc_exact)(theta))
+    # the naive (first-order) surrogate, TraceGraph's form written with our costs and
+    # dependencies: costs + sum_s (lq_s - sg(lq_s)) * sg(downstream cost)
+    p = ns.elbo(disc_model, disc_guide)
+    x0 = jax.eval_shape(p.family.sample, theta, jax.random.key(0))
+    g, m, score, d = p.runner.structure(theta, x0)
+
+    def naive(th, x):
+        lq, lp = p.runner.site_terms(th, x)
+        # TraceGraph_ELBO also stops the gradient of a score site's own log q in the ELBO
+        c = jnp.stack([jax.lax.stop_gradient(lq[n]) if n in score else lq[n] for n in g]
+                      + [-lp[n] for n in m])
+        down = jax.lax.stop_gradient(c) @ jnp.asarray(d, c.dtype)
+        lqs = jnp.stack([lq[n] for n in score])
+        return jnp.sum(c) + jnp.sum((lqs - jax.lax.stop_gradient(lqs)) * down)
+
+    _close(_expect(lambda x: jax.grad(naive)(theta, x), draws), jax.grad(_disc_exact)(theta))
+    _close(_expect(lambda x: jax.hessian(naive)(theta, x), draws), tg_hess, rtol=1e-8)
+    _differ(_expect(lambda x: jax.hessian(naive)(theta, x), draws),
+            jax.hessian(_disc_exact)(theta))
+
+
+# ---------------------------------------------------------------- statistical, mixed sites
+
+@pytest.mark.statistical
+def test_mixed_gradient_unbiased_with_power(x64):
+    """Pathwise z, score c: E[g] within 5 SE of the exact gradient (enumeration over c x closed
+    form over z), and far from the gradient that forgets c's influence on z's costs."""
+    p = ns.elbo(mixed_model, mixed_guide)
+    theta = _mixed_theta()
+    r = p.estimate_grad(theta, jax.random.key(20), num_samples=20_000)
+    truth = _vec(jax.grad(_mixed_exact)(theta))
+    assert_unbiased(_vec(r.grad), _vec(r.stderr), truth, atol=1e-6, what="per-site grad")
+    wrong = _vec(jax.grad(lambda th: _mixed_exact(th, credit_c_for_z=False))(theta))
+    assert_rejects(_vec(r.grad), _vec(r.stderr), wrong, what="no credit of z's costs to c")
+    np.testing.assert_allclose(r.value, _mixed_exact(theta), atol=5 * float(r.value_stderr))
+
+
+@pytest.mark.statistical
+def test_mixed_group_baseline_unbiased(x64):
+    """The same with the group leave-one-out baseline (4 programs per unit)."""
+    p = ns.elbo(mixed_model, mixed_guide, baseline=ns.group_leave_one_out(4))
+    theta = _mixed_theta()
+    r = p.estimate_grad(theta, jax.random.key(21), num_samples=20_000)
+    truth = _vec(jax.grad(_mixed_exact)(theta))
+    assert_unbiased(_vec(r.grad), _vec(r.stderr), truth, atol=1e-6, what="group LOO grad")
+
+
+@pytest.mark.statistical
+@pytest.mark.slow
+def test_tracegraph_and_ours_agree_with_exact(x64):
+    """numpyro's TraceGraph_ELBO gradient (mean over 4000 keys) and ours (jax.grad of
+    sg.expectation, the same replicates) are both within 5 SE of the exact gradient."""
+    p = ns.elbo(mixed_model, mixed_guide)
+    theta = _mixed_theta()
+    keys = jax.random.split(jax.random.key(22), 4000)
+    tg = jax.jit(jax.vmap(lambda k: jax.grad(
+        lambda th: TraceGraph_ELBO().loss(k, th, mixed_model, mixed_guide))(theta)))(keys)
+    ours = jax.jit(jax.vmap(lambda k: jax.grad(
+        lambda th: p.expectation(th, k, num_samples=1))(theta)))(keys)
+    truth = _vec(jax.grad(_mixed_exact)(theta))
+    for name, g in (("TraceGraph_ELBO", tg), ("numpyro_sites", ours)):
+        mean, se = replicate_stats(np.stack([_vec(gi) for gi in _rows(g)]))
+        assert_unbiased(mean, se, truth, atol=1e-6, what=name)
+
+
+def _rows(g):
+    n = len(g["a"])
+    return [{k: v[i] for k, v in g.items()} for i in range(n)]
+
+
+# ---------------------------------------------------------------- the engine's contract
+
+def test_chunk_invariance_jit_vmap():
+    """Two chunk sizes give the same estimate on one key; jit and vmap over keys agree."""
+    p = ns.elbo(mixed_model, mixed_guide)
+    theta = _mixed_theta(jnp.float32)
+    key = jax.random.key(3)
+    g1 = jax.grad(lambda th: p.expectation(th, key, num_samples=48, chunk_size=4))(theta)
+    g2 = jax.grad(lambda th: p.expectation(th, key, num_samples=48, chunk_size=48))(theta)
+    _close(g1, g2, rtol=1e-5, atol=1e-6)
+    gj = jax.jit(jax.grad(lambda th: p.expectation(th, key, num_samples=48, chunk_size=4)))(theta)
+    _close(g1, gj, rtol=1e-5, atol=1e-6)
+    keys = jax.random.split(key, 2)
+    v = jax.vmap(lambda k: p.expectation(theta, k, num_samples=16))(keys)
+    _close(v[1], p.expectation(theta, keys[1], num_samples=16), rtol=1e-5, atol=1e-6)
+
+
+def test_group_chunk_invariance_and_devices():
+    """Groups never straddle chunks: chunk sizes 1 and 3 (units of 4 programs) agree;
+    devices="all" and nan_policy pass through."""
+    p = ns.elbo(mixed_model, mixed_guide, baseline=ns.group_leave_one_out(4))
+    theta = _mixed_theta(jnp.float32)
+    key = jax.random.key(4)
+    a = p.estimate_grad(theta, key, num_samples=24, chunk_size=1)
+    b = p.estimate_grad(theta, key, num_samples=24, chunk_size=3, devices="all",
+                        nan_policy="propagate")
+    _close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert a.num_samples == 24
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_dtypes(dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        p = ns.elbo(mixed_model, mixed_guide)
+        theta = _mixed_theta(dtype)
+        g = jax.grad(lambda th: p.expectation(th, jax.random.key(5), num_samples=32))(theta)
+        for v in g.values():
+            assert v.dtype == dtype and np.isfinite(v)
+
+
+def test_whole_guide_score_function_runs_on_the_same_family():
+    """sg.score_function() on the problem's family and f is whole-guide REINFORCE."""
+    p = ns.elbo(mixed_model, mixed_guide)
+    theta = _mixed_theta(jnp.float32)
+    r = sg.estimate_grad(p.f(theta), p.family, theta, jax.random.key(6), num_samples=64)
+    assert np.isfinite(_vec(r.grad)).all()
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_refusals():
+    theta = _mixed_theta(jnp.float32)
+    key = jax.random.key(0)
+
+    def guide_without_z():
+        numpyro.sample("c", dist.Bernoulli(logits=numpyro.param("a", 0.0)))
+
+    with pytest.raises(ValueError, match=r"mismatch.*\['z'\].*Add numpyro.sample"):
+        ns.elbo(mixed_model, guide_without_z).expectation({"a": theta["a"]}, key,
+                                                          num_samples=4)
+    with pytest.raises(ValueError, match=r"site_estimators names \['zz'\].*sites are"):
+        ns.elbo(mixed_model, mixed_guide, site_estimators={"zz": "score"}).expectation(
+            theta, key, num_samples=4)
+    with pytest.raises(ValueError, match=r"site_estimators\['c'\] = 'pathwise'.*use 'score'"):
+        ns.elbo(mixed_model, mixed_guide, site_estimators={"c": "pathwise"}).expectation(
+            theta, key, num_samples=4)
+    with pytest.raises(ValueError, match="choose one of"):
+        ns.elbo(mixed_model, mixed_guide, site_estimators={"c": "reinforce"})
+    with pytest.raises(ValueError, match=r"param sites \['s'\] have no entry"):
+        ns.elbo(mixed_model, mixed_guide).expectation(
+            {k: v for k, v in theta.items() if k != "s"}, key, num_samples=4)
+    with pytest.raises(TypeError, match="group_leave_one_out"):
+        ns.elbo(mixed_model, mixed_guide, baseline="loo")
+    with pytest.raises(ValueError, match="k >= 2"):
+        ns.group_leave_one_out(1)
+    with pytest.raises(TypeError, match="belongs to the family"):
+        sg.expectation(lambda x: 0.0, sg.families.normal(),
+                       {"loc": jnp.zeros(1), "scale": jnp.ones(1)}, key, num_samples=4,
+                       estimator=ns.elbo(mixed_model, mixed_guide).estimator)
