@@ -161,7 +161,17 @@ def test_sites_and_dependencies():
 
 # ---------------------------------------------------------------- exact, by enumeration
 
-@pytest.mark.parametrize("baseline", [None, 2])
+def _all_orders(fn):
+    """(value, gradient, Hessian) of fn(theta, x) in theta, as one function of (theta, x)."""
+    return lambda th, x: (fn(th, x), jax.grad(fn)(th, x), jax.hessian(fn)(th, x))
+
+
+def _exact_all_orders(theta):
+    return jax.jit(lambda th: (_disc_exact(th), jax.grad(_disc_exact)(th),
+                               jax.hessian(_disc_exact)(th)))(theta)
+
+
+@pytest.mark.parametrize("baseline", [None, pytest.param(2, marks=pytest.mark.slow)])
 def test_exact_gradient_and_hessian_discrete(x64, baseline):
     """Score sites only: E over every outcome (every pair with the group baseline) of the
     surrogate's value, gradient and Hessian equal the exact ones (rtol 1e-10)."""
@@ -176,9 +186,8 @@ def test_exact_gradient_and_hessian_discrete(x64, baseline):
         draws = [(float(_q(theta, x) * _q(theta, y)),
                   jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), x, y))
                  for x, y in itertools.product(OUTCOMES, OUTCOMES)]
-    _close(_expect(lambda x: s(theta, x), draws), _disc_exact(theta))
-    _close(_expect(lambda x: jax.grad(s)(theta, x), draws), jax.grad(_disc_exact)(theta))
-    _close(_expect(lambda x: jax.hessian(s)(theta, x), draws), jax.hessian(_disc_exact)(theta))
+    f = _all_orders(s)
+    _close(_expect(lambda x: f(theta, x), draws), _exact_all_orders(theta))
 
 
 def test_exact_gradient_through_the_public_api(x64):
@@ -207,10 +216,10 @@ def test_tracegraph_hessian_is_wrong_ours_is_right(x64):
         guide = handlers.substitute(handlers.seed(disc_guide, 0), data=x)
         return TraceGraph_ELBO().loss(jax.random.key(0), th, disc_model, guide)
 
-    tg_grad = _expect(lambda x: jax.grad(tg_loss)(theta, x), draws)
-    tg_hess = _expect(lambda x: jax.hessian(tg_loss)(theta, x), draws)
-    _close(tg_grad, jax.grad(_disc_exact)(theta), rtol=1e-8)
-    _differ(tg_hess, jax.hessian(_disc_exact)(theta))
+    _, exact_grad, exact_hess = _exact_all_orders(theta)
+    tg_grad, tg_hess = _expect(lambda x: _all_orders(tg_loss)(theta, x)[1:], draws)
+    _close(tg_grad, exact_grad, rtol=1e-8)
+    _differ(tg_hess, exact_hess)
     # the naive (first-order) surrogate, TraceGraph's form written with our costs and
     # dependencies: costs + sum_s (lq_s - sg(lq_s)) * sg(downstream cost)
     p = ns.elbo(disc_model, disc_guide)
@@ -226,15 +235,15 @@ def test_tracegraph_hessian_is_wrong_ours_is_right(x64):
         lqs = jnp.stack([lq[n] for n in score])
         return jnp.sum(c) + jnp.sum((lqs - jax.lax.stop_gradient(lqs)) * down)
 
-    _close(_expect(lambda x: jax.grad(naive)(theta, x), draws), jax.grad(_disc_exact)(theta))
-    _close(_expect(lambda x: jax.hessian(naive)(theta, x), draws), tg_hess, rtol=1e-8)
-    _differ(_expect(lambda x: jax.hessian(naive)(theta, x), draws),
-            jax.hessian(_disc_exact)(theta))
+    n_grad, n_hess = _expect(lambda x: _all_orders(naive)(theta, x)[1:], draws)
+    _close(n_grad, exact_grad)
+    _close(n_hess, tg_hess, rtol=1e-8)
 
 
 # ---------------------------------------------------------------- statistical, mixed sites
 
 @pytest.mark.statistical
+@pytest.mark.slow
 def test_mixed_gradient_unbiased_with_power(x64):
     """Pathwise z, score c: E[g] within 5 SE of the exact gradient (enumeration over c x closed
     form over z), and far from the gradient that forgets c's influence on z's costs."""
@@ -249,6 +258,7 @@ def test_mixed_gradient_unbiased_with_power(x64):
 
 
 @pytest.mark.statistical
+@pytest.mark.slow
 def test_mixed_group_baseline_unbiased(x64):
     """The same with the group leave-one-out baseline (4 programs per unit)."""
     p = ns.elbo(mixed_model, mixed_guide, baseline=ns.group_leave_one_out(4))
@@ -283,14 +293,25 @@ def _rows(g):
 
 # ---------------------------------------------------------------- the engine's contract
 
-def test_chunk_invariance_jit_vmap():
-    """Two chunk sizes give the same estimate on one key; jit and vmap over keys agree."""
+def test_chunk_invariance_under_jit():
+    """Two chunk sizes give the same value and gradient on one key, under jit."""
+    p = ns.elbo(mixed_model, mixed_guide)
+    theta = _mixed_theta(jnp.float32)
+    key = jax.random.key(3)
+
+    def vg(chunk):
+        return jax.jit(jax.value_and_grad(
+            lambda th: p.expectation(th, key, num_samples=12, chunk_size=chunk)))(theta)
+
+    _close(vg(4), vg(12), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eager_jit_vmap_agree():
     p = ns.elbo(mixed_model, mixed_guide)
     theta = _mixed_theta(jnp.float32)
     key = jax.random.key(3)
     g1 = jax.grad(lambda th: p.expectation(th, key, num_samples=48, chunk_size=4))(theta)
-    g2 = jax.grad(lambda th: p.expectation(th, key, num_samples=48, chunk_size=48))(theta)
-    _close(g1, g2, rtol=1e-5, atol=1e-6)
     gj = jax.jit(jax.grad(lambda th: p.expectation(th, key, num_samples=48, chunk_size=4)))(theta)
     _close(g1, gj, rtol=1e-5, atol=1e-6)
     keys = jax.random.split(key, 2)
@@ -298,6 +319,7 @@ def test_chunk_invariance_jit_vmap():
     _close(v[1], p.expectation(theta, keys[1], num_samples=16), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_group_chunk_invariance_and_devices():
     """Groups never straddle chunks: chunk sizes 1 and 3 (units of 4 programs) agree;
     devices="all" and nan_policy pass through."""
@@ -311,16 +333,19 @@ def test_group_chunk_invariance_and_devices():
     assert a.num_samples == 24
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64,
+                                                               marks=pytest.mark.slow)])
 def test_dtypes(dtype):
     with jax.enable_x64(dtype == jnp.float64):
         p = ns.elbo(mixed_model, mixed_guide)
         theta = _mixed_theta(dtype)
-        g = jax.grad(lambda th: p.expectation(th, jax.random.key(5), num_samples=32))(theta)
+        g = jax.jit(jax.grad(lambda th: p.expectation(th, jax.random.key(5),
+                                                       num_samples=8)))(theta)
         for v in g.values():
             assert v.dtype == dtype and np.isfinite(v)
 
 
+@pytest.mark.slow
 def test_whole_guide_score_function_runs_on_the_same_family():
     """sg.score_function() on the problem's family and f is whole-guide REINFORCE."""
     p = ns.elbo(mixed_model, mixed_guide)
