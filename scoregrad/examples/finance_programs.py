@@ -18,14 +18,19 @@ payoff is discontinuous (the barrier), so the pathwise method does not apply.
 
 **Per-date credit.** The payoff is written as one contribution per date, each a function of the
 increments up to that date, so :func:`scoregrad.programs.causal` scores each only with the
-increments that could have caused it. ``credit="knockout"`` (default) telescopes the knock-out
-value :math:`V_k = e^{-rT} \mathbf 1\{\text{alive at } k\}(S_k - K)^+`: date k contributes
-:math:`V_k - V_{k-1}` (plus its rebate), which is the option value lost at a knock-out and the
-change of the intrinsic value otherwise; the cost-to-go from date k is then
-:math:`V_T - V_{k-1}` + later rebates. ``credit="cashflows"`` uses the contract's own cash flows
-(the rebate at the knock-out date, the call at maturity). Both sum to the same discounted
-payoff, so whole-path REINFORCE (``sg.score_function()`` on the same program) is the same for
-both.
+increments that could have caused it. ``credit="cashflows"`` (default) uses the contract's own
+cash flows: the rebate at the knock-out date, the call at maturity. Per-date credit then helps
+only through the rebates (the call at maturity depends on every increment), and a per-date
+baseline can go further: :func:`exact_value_baseline` subtracts, at each date, the exact value
+of the cash flows still to come given the path so far (backward induction on the binomial
+lattice, :func:`continuation_values`), which whole-path estimators cannot use.
+``credit="knockout"`` telescopes the knocked-out intrinsic value :math:`V_k = e^{-rT}
+\mathbf 1\{\text{alive at } k\}(S_k - K)^+` instead: date k contributes :math:`V_k - V_{k-1}`
+(plus its rebate). Both sum to the same discounted payoff, so whole-path REINFORCE
+(``sg.score_function()`` on the same program) is the same for both; the telescoped one has
+MORE variance than the whole path here (``benchmarks/results/barrier_causal.md``): its
+cost-to-go :math:`V_T - V_{k-1}` is non-zero on the many paths that were in the money and then
+knocked out, whereas the whole-path payoff is zero on them.
 
 References:
   Broadie and Glasserman, "Estimating Security Price Derivatives Using Simulation", 1996.
@@ -140,7 +145,7 @@ def barrier_program(option: Optional[BarrierCall] = None, *, credit: str = "cash
       >>> opt = fp.BarrierCall(num_dates=4)
       >>> prog = fp.barrier_program(opt)
       >>> r = sg.estimate_grad(prog.f, prog.family, jnp.float32(0.05), jax.random.key(0),
-      ...                      num_samples=20_000, estimator=prog.estimator())
+      ...                      num_samples=4096, estimator=prog.estimator())
       >>> truth = fp.exact_drift_sensitivity(opt, 0.05)
       >>> bool(abs(r.grad - truth) < 5 * r.stderr)
       True
@@ -181,13 +186,15 @@ def exact_price(option: BarrierCall, mu) -> jax.Array:
     if option.walk != "binomial" or option.num_dates > 16:
         raise ValueError("exact_price enumerates the binomial walk's paths: walk='binomial' and "
                          "num_dates <= 16.")
-    return _exact_price(option, jnp.asarray(mu))
+    mu = jnp.asarray(mu)
+    # the paths are an argument, not a constant of the compiled program (XLA would fold them)
+    return _exact_price(option, mu, jnp.asarray(_paths(option.num_dates),
+                                                jnp.result_type(mu, float)))
 
 
 @partial(jax.jit, static_argnums=0)
-def _exact_price(option: BarrierCall, mu: jax.Array) -> jax.Array:
+def _exact_price(option: BarrierCall, mu: jax.Array, paths: jax.Array) -> jax.Array:
     prog = barrier_program(option)
-    paths = jnp.asarray(_paths(option.num_dates), jnp.result_type(mu, float))
 
     def one(x):
         s = sp.Steps(x, jnp.ones((option.num_dates,), x.dtype))
