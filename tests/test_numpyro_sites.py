@@ -381,6 +381,16 @@ def test_refusals():
         ns.elbo(mixed_model, mixed_guide, baseline="loo")
     with pytest.raises(ValueError, match="k >= 2"):
         ns.group_leave_one_out(1)
+    def model_sub():
+        with numpyro.plate("data", 10, subsample_size=3):
+            numpyro.sample("u", dist.Normal(0.0, 1.0))
+
+    def guide_sub():
+        with numpyro.plate("data", 10, subsample_size=3):
+            numpyro.sample("u", dist.Normal(numpyro.param("a", 0.0), 1.0))
+
+    with pytest.raises(ValueError, match=r"plate 'data' subsamples \(3 of 10\)"):
+        ns.elbo(model_sub, guide_sub).expectation({"a": theta["a"]}, key, num_samples=4)
     with pytest.raises(TypeError, match="belongs to the family"):
         sg.expectation(lambda x: 0.0, sg.families.normal(),
                        {"loc": jnp.zeros(1), "scale": jnp.ones(1)}, key, num_samples=4,

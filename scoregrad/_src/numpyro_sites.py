@@ -231,6 +231,7 @@ def _check_guide(gtr, choices: dict) -> None:
                 f"sg.numpyro_sites: guide site {n!r} asks for enumeration (infer="
                 f"{s['infer']!r}); per-site estimators sample every site. Remove the infer "
                 "option, or use numpyro's TraceEnum_ELBO.")
+    _check_plates(gtr, "guide")
     unknown = sorted(set(choices) - names)
     if unknown:
         raise ValueError(
@@ -239,6 +240,18 @@ def _check_guide(gtr, choices: dict) -> None:
     for n, s in gtr.items():
         if s["type"] == "sample":
             _choice(n, s["fn"], choices)
+
+
+def _check_plates(tr, what: str) -> None:
+    for n, s in tr.items():
+        if s["type"] == "plate" and len(s.get("args") or ()) == 2:
+            size, sub = s["args"]
+            if sub is not None and sub != size:
+                raise ValueError(
+                    f"sg.numpyro_sites: the {what}'s plate {n!r} subsamples ({sub} of {size}); "
+                    "its subsample would be drawn apart from the other program's. Use the full "
+                    "plate (subsample_size=None), or subsample the data outside and pass it as "
+                    "an argument.")
 
 
 def _check_values(gtr, values) -> None:
@@ -251,6 +264,7 @@ def _check_values(gtr, values) -> None:
 
 
 def _check_match(gtr, mtr, theta) -> None:
+    _check_plates(mtr, "model")
     g = {n for n, s in gtr.items() if s["type"] == "sample"}
     latent = {n for n, s in mtr.items() if s["type"] == "sample" and not s["is_observed"]}
     observed = {n for n, s in mtr.items() if s["type"] == "sample" and s["is_observed"]}
