@@ -15,10 +15,12 @@ evaluations of the model: per-unit variance times programs per unit) under:
 
 * ``per-site``: ``ns.elbo(model, guide).estimator`` (pathwise where reparameterizable, score
   function with DiCE credit elsewhere);
-* ``per-site + LOO(4)``: the same with ``baseline=ns.group_leave_one_out(4)``;
+* ``per-site + LOO``: the same with ``baseline=ns.leave_one_out()`` (batch-wide, per site);
+* ``per-site + LOO(4)``: with ``baseline=ns.group_leave_one_out(4)``;
 * ``whole score``: ``sg.score_function()`` on the same family and f (REINFORCE on log q of the
   whole guide);
-* ``whole score + LOO``: ``sg.score_function(baseline=sg.baselines.leave_one_out())``.
+* ``whole score + LOO``: ``sg.score_function(baseline=sg.baselines.leave_one_out())``;
+* ``whole RLOO(4)``: ``sg.rloo(4)`` (the group baseline for the whole guide).
 
 and the time of a jitted ``jax.grad`` of ``sg.expectation`` with N = 1,000 (median of 3 after
 warm-up). Writes benchmarks/results/numpyro_sites_variance.md.
@@ -124,14 +126,18 @@ def run(name):
     model, guide, x = MODELS[name]
     p = ns.elbo(model, guide, x)
     theta = _theta(p)
-    loo = ns.elbo(model, guide, x, baseline=ns.group_leave_one_out(4))
-    ests = {"per-site": p.estimator, "per-site + LOO(4)": loo.estimator,
-            "whole score": sg.score_function(),
-            "whole score + LOO": sg.score_function(baseline=sg.baselines.leave_one_out())}
+    loo = ns.elbo(model, guide, x, baseline=ns.leave_one_out())
+    gloo = ns.elbo(model, guide, x, baseline=ns.group_leave_one_out(4))
+    ests = {"per-site": (p.estimator, p.family),
+            "per-site + LOO": (loo.estimator, loo.family),
+            "per-site + LOO(4)": (gloo.estimator, gloo.family),
+            "whole score": (sg.score_function(), p.family),
+            "whole score + LOO": (sg.score_function(baseline=sg.baselines.leave_one_out()),
+                                  p.family),
+            "whole RLOO(4)": (sg.rloo(4), p.family)}
     f = p.f(theta)
     out = {}
-    for label, est in ests.items():
-        fam = loo.family if est is loo.estimator else p.family
+    for label, (est, fam) in ests.items():
         r = jax.jit(lambda th, k, est=est, fam=fam: sg.estimate_grad(
             f, fam, th, k, num_samples=N, estimator=est))(theta, jax.random.key(1))
         names, se = _flat(r.stderr)
@@ -173,8 +179,8 @@ def main():
              f"Per-evaluation variance (N * stderr^2 of `sg.estimate_grad`, N = {N:,} model "
              "evaluations, so estimators with groups of 4 programs per unit are compared at "
              "equal cost) of each coordinate of the negative-ELBO gradient at theta drawn once "
-             "(key 0, scale 0.5); the ratio is whole-guide REINFORCE (leave-one-out baseline) / "
-             "per-site (group leave-one-out). Time: jitted `jax.grad` of `sg.expectation` at "
+             "(key 0, scale 0.5); the ratio is whole-guide REINFORCE / per-site, both with the "
+             "batch-wide leave-one-out baseline. Time: jitted `jax.grad` of `sg.expectation` at "
              f"N = {N_TIME:,}, median of 3 after warm-up. The models are in the script's "
              "docstring.", ""]
     for name in args.models:
@@ -185,9 +191,9 @@ def main():
                   f"Negative ELBO {out['per-site'][3]:.3f}. Time per gradient: "
                   + ", ".join(f"{lab} {out[lab][2] * 1e3:.1f} ms" for lab in labels) + ".", "",
                   "| coordinate | grad | " + " | ".join(f"var {lab}" for lab in labels)
-                  + " | whole+LOO / per-site+LOO |",
+                  + " | whole + LOO / per-site + LOO |",
                   "|---|---:|" + "---:|" * len(labels) + "---:|"]
-        whole, per = out["whole score + LOO"][0], out["per-site + LOO(4)"][0]
+        whole, per = out["whole score + LOO"][0], out["per-site + LOO"][0]
         live = per > 1e-12 * np.max(per)  # coordinates with zero gradient in every draw: "-"
         ratio = np.where(live, whole / np.where(live, per, 1.0), np.nan)
         for i, n in enumerate(names):

@@ -3,6 +3,12 @@
 ``import scoregrad.numpyro_sites as ns``; see docs/numpyro.md. Needs numpyro.
 """
 
-from scoregrad._src.numpyro_sites import SiteBaseline, SiteELBO, elbo, group_leave_one_out
+from scoregrad._src.numpyro_sites import (
+    SiteBaseline,
+    SiteELBO,
+    elbo,
+    group_leave_one_out,
+    leave_one_out,
+)
 
-__all__ = ["SiteBaseline", "SiteELBO", "elbo", "group_leave_one_out"]
+__all__ = ["SiteBaseline", "SiteELBO", "elbo", "group_leave_one_out", "leave_one_out"]

@@ -18,6 +18,7 @@ from stats_util import assert_rejects, assert_unbiased, replicate_stats
 import scoregrad as sg
 import scoregrad.numpyro_sites as ns
 from scoregrad._src.base import Draws, Model, Params
+from scoregrad._src.engine import fstats_of
 
 Y = 0.7
 
@@ -115,6 +116,24 @@ def _surrogate(p, theta, est=None):
     return s
 
 
+def _batch_surrogate(p, theta):
+    """The surrogate on a given batch of draws (leading axis N) as the engine combines it:
+    sum_k w_k mean_i terms_ik, the weights from the batch's f statistics."""
+    bound = sg.bind(p.estimator, p.family, theta)
+    model = Model(p.f(theta), p.family.log_prob, p.family.sample, p.family, False)
+
+    def s(th, xs):
+        params = Params(th)
+        x1 = jax.tree_util.tree_map(lambda a: a[:, None], xs)
+        out = jax.vmap(lambda x: bound.unit(model, params, Draws(model, params, x=x), ()))(x1)
+        fs = fstats_of(jax.lax.stop_gradient(out.fvals), out.terms.dtype)
+        n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        w = jax.lax.stop_gradient(bound.weights(fs, (), n))
+        return jnp.dot(w, jnp.mean(out.terms, axis=0))
+
+    return s
+
+
 def _expect(fn, weights_and_draws):
     """sum_i w_i fn(x_i), with fn jitted and vmapped over the stacked draws."""
     w = np.array([wi for wi, _ in weights_and_draws])
@@ -190,6 +209,20 @@ def test_exact_gradient_and_hessian_discrete(x64, baseline):
     _close(_expect(lambda x: f(theta, x), draws), _exact_all_orders(theta))
 
 
+@pytest.mark.slow
+def test_exact_batch_leave_one_out_over_pairs(x64):
+    """The batch-wide leave-one-out baseline, every pair of outcomes: value, gradient and
+    Hessian of the engine's weighted surrogate are exact."""
+    p = ns.elbo(disc_model, disc_guide, baseline=ns.leave_one_out())
+    theta = _disc_theta()
+    assert sg.bind(p.estimator, p.family, theta).num_terms == 4  # main, 2 sites, sum
+    draws = [(float(_q(theta, x) * _q(theta, y)),
+              jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), x, y))
+             for x, y in itertools.product(OUTCOMES, OUTCOMES)]
+    f = _all_orders(_batch_surrogate(p, theta))
+    _close(_expect(lambda x: f(theta, x), draws), _exact_all_orders(theta))
+
+
 def test_exact_gradient_through_the_public_api(x64):
     """sum_x q(x) * estimate_grad_from_samples(one outcome x) is the exact gradient."""
     p = ns.elbo(disc_model, disc_guide)
@@ -259,13 +292,16 @@ def test_mixed_gradient_unbiased_with_power(x64):
 
 @pytest.mark.statistical
 @pytest.mark.slow
-def test_mixed_group_baseline_unbiased(x64):
-    """The same with the group leave-one-out baseline (4 programs per unit)."""
-    p = ns.elbo(mixed_model, mixed_guide, baseline=ns.group_leave_one_out(4))
+@pytest.mark.parametrize("baseline", ["group", "batch"])
+def test_mixed_baselines_unbiased(x64, baseline):
+    """The same with the group leave-one-out baseline (4 programs per unit) and the batch-wide
+    one."""
+    bl = ns.group_leave_one_out(4) if baseline == "group" else ns.leave_one_out()
+    p = ns.elbo(mixed_model, mixed_guide, baseline=bl)
     theta = _mixed_theta()
     r = p.estimate_grad(theta, jax.random.key(21), num_samples=20_000)
     truth = _vec(jax.grad(_mixed_exact)(theta))
-    assert_unbiased(_vec(r.grad), _vec(r.stderr), truth, atol=1e-6, what="group LOO grad")
+    assert_unbiased(_vec(r.grad), _vec(r.stderr), truth, atol=1e-6, what=f"{baseline} LOO")
 
 
 @pytest.mark.statistical

@@ -37,7 +37,7 @@ from scoregrad._src.base import Estimator, Plan, Target, UnitOut, magic_box
 from scoregrad._src.family import Family
 
 PyTree = Any
-__all__ = ["SiteBaseline", "SiteELBO", "elbo", "group_leave_one_out"]
+__all__ = ["SiteBaseline", "SiteELBO", "elbo", "group_leave_one_out", "leave_one_out"]
 
 _CHOICES = ("auto", "pathwise", "score")
 
@@ -53,10 +53,25 @@ def _numpyro():
 
 
 class SiteBaseline(NamedTuple):
-    """A per-site baseline: ``group`` programs per unit (1: no baseline)."""
+    """A per-site baseline: ``group`` programs per unit; ``batch``: leave-one-out over the
+    whole batch (weights from the engine's batch statistics)."""
 
     name: str
     group: int
+    batch: bool = False
+
+
+def leave_one_out() -> SiteBaseline:
+    r"""Leave-one-out over the whole batch, per score site.
+
+    Site ``s`` of program ``i`` gets :math:`b_{s,i} = rac{N ar G_s - G_{s,i}}{N-1}`, the
+    mean downstream cost of the other :math:`N - 1` programs of the estimate, written as
+    ``S + 1`` extra terms whose weights come from the batch means :math:`ar G_s` (one chunked
+    pass; the engine takes one reverse pass per term). Independent of program i: unbiased at
+    every derivative order. Needs ``num_samples >= 2``. The engine then sees ``S + 1`` f values
+    per program (their mean is the program's integrand), so ``value_stderr`` is over those.
+    """
+    return SiteBaseline("leave_one_out", 1, True)
 
 
 def group_leave_one_out(k: int) -> SiteBaseline:
@@ -374,6 +389,7 @@ def _site_estimator(runner: _Runner, family: Family, baseline: SiteBaseline) -> 
                 "problem that built it; pass problem.family (and problem.f(theta)).")
         guide_sites, model_sites, score, d = runner.structure(target.theta, target.x_struct)
         all_score = len(score) == len(guide_sites)
+        batch = baseline.batch and bool(score)
         dmat = jnp.asarray(d, dtype=bool)
 
         def draw(model, params, draws):
@@ -408,9 +424,28 @@ def _site_estimator(runner: _Runner, family: Family, baseline: SiteBaseline) -> 
             if k > 1 and score:
                 down = c_sg @ dm  # (k, S): each score site's downstream cost
                 b = b + (jnp.sum(down, axis=0, keepdims=True) - down) / (k - 1)
-            per = per + jnp.sum((1 - magic_box(lq)) * b.astype(c.dtype), axis=1)
+            d = 1 - magic_box(lq)
+            per = per + jnp.sum(d * b.astype(c.dtype), axis=1)
+            if batch:  # k == 1: terms and f values for the batch-wide leave-one-out
+                down = (c_sg @ dm)[0]
+                m = len(score) + 1
+                total = jnp.sum(c_sg[0])
+                extra = jnp.concatenate([d[0], jnp.sum(d[0] * down)[None]])
+                fvals = jnp.concatenate([m * down, (m * (total - jnp.sum(down)))[None]])
+                return UnitOut(jnp.concatenate([per, extra.astype(per.dtype)]), fvals)
             return UnitOut(jnp.mean(per)[None], jnp.sum(c_sg, axis=1))
 
+        def weights(fstats, state, n):
+            if fstats.per is None:
+                raise ValueError("the engine passed no per-site statistics (FStats.per)")
+            m = len(score) + 1
+            gbar = jnp.asarray(fstats.per)[:-1] / m
+            n = jnp.asarray(n, gbar.dtype)
+            return jnp.concatenate([jnp.ones((1,), gbar.dtype), n / (n - 1) * gbar,
+                                    (-1.0 / (n - 1))[None]])
+
+        if batch:
+            return Plan(unit, weights=weights, min_units=2, not_unbiased=_NOT_UNBIASED)
         return Plan(unit, draws_per_unit=k, not_unbiased=_NOT_UNBIASED)
 
     return Estimator(name, lambda theta: (), bind, lambda state, fstats: state)
@@ -429,8 +464,9 @@ def elbo(model: Callable, guide: Callable, *args: Any,
       site_estimators: ``{site name: "pathwise" | "score" | "auto"}`` for guide sites; the
         others are ``"auto"``: pathwise where the site's distribution is reparameterizable
         (``has_rsample``), score function otherwise.
-      baseline: ``None`` (none) or :func:`group_leave_one_out` ``(k)``: per score site, the
-        mean downstream cost of the other ``k - 1`` programs of the unit.
+      baseline: ``None`` (the constant 1 only), :func:`leave_one_out` ``()`` (per score site,
+        the mean downstream cost of the other ``N - 1`` programs of the batch) or
+        :func:`group_leave_one_out` ``(k)`` (of the other ``k - 1`` programs of the unit).
 
     Returns:
       A :class:`SiteELBO`: ``family``, ``f(theta)`` (the negative-ELBO integrand at theta) and
@@ -483,8 +519,8 @@ def elbo(model: Callable, guide: Callable, *args: Any,
         baseline = SiteBaseline("none", 1)
     if not isinstance(baseline, SiteBaseline):
         raise TypeError(
-            "sg.numpyro_sites.elbo(baseline=...) must be None or "
-            f"sg.numpyro_sites.group_leave_one_out(k); got {type(baseline).__name__}.")
+            "sg.numpyro_sites.elbo(baseline=...) must be None, sg.numpyro_sites.leave_one_out() "
+            f"or sg.numpyro_sites.group_leave_one_out(k); got {type(baseline).__name__}.")
     runner = _Runner(model, guide, args, kwargs, choices)
     family = Family(log_prob=runner.log_q, sample=runner.sample, name="numpyro_guide")
     est = _site_estimator(runner, family, baseline)
