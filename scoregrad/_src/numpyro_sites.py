@@ -89,6 +89,10 @@ def group_leave_one_out(k: int) -> SiteBaseline:
     return SiteBaseline(f"group_leave_one_out({k})", k)
 
 
+def _total(terms: list) -> jax.Array:
+    return jnp.sum(jnp.stack(terms)) if terms else jnp.zeros(())
+
+
 def _site_lp(site) -> jax.Array:
     lp = site["fn"].log_prob(site["value"])
     if site.get("scale") is not None:
@@ -176,8 +180,7 @@ class _Runner:
         gtr = self._guide(theta, 0, values)
         _check_guide(gtr, self.choices)
         _check_values(gtr, values)
-        return sum((_site_lp(s) for s in gtr.values() if s["type"] == "sample"),
-                   jnp.zeros(()))
+        return _total([_site_lp(s) for s in gtr.values() if s["type"] == "sample"])
 
     def site_terms(self, theta, values):
         """Per-site guide log-densities (dict) and per-site costs (guide dict, model dict)."""
@@ -189,7 +192,7 @@ class _Runner:
 
     def cost(self, theta, values) -> jax.Array:
         lq, lp = self.site_terms(theta, values)
-        return sum(lq.values(), jnp.zeros(())) - sum(lp.values(), jnp.zeros(()))
+        return _total(list(lq.values())) - _total(list(lp.values()))
 
     # -- structure
     def structure(self, theta, x_struct):
@@ -271,6 +274,11 @@ def _check_plates(tr, what: str) -> None:
 
 def _check_values(gtr, values) -> None:
     names = {n for n, s in gtr.items() if s["type"] == "sample"}
+    missing = sorted(names - set(values))
+    if missing:
+        raise ValueError(
+            f"sg.numpyro_sites: the draw has no value for the guide sites {missing}. Pass draws "
+            "of this problem's family (a dict with every guide sample site).")
     extra = sorted(set(values) - names)
     if extra:
         raise ValueError(
