@@ -328,6 +328,8 @@ class SiteELBO(NamedTuple):
       cost: ``cost(theta, x) -> scalar``: the negative-ELBO integrand
         :math:`\\log q(x;\\theta) - \\log p(x, \\mathrm{obs};\\theta)` (numpyro's loss sign).
       choices: the per-site choices the user made (``site_estimators``).
+      runner: the model and guide with their arguments (internal: runs them under NumPyro's
+        handlers).
     """
 
     family: Family
