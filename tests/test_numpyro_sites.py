@@ -301,12 +301,13 @@ def test_mixed_gradient_unbiased_with_power(x64):
 
 @pytest.mark.statistical
 @pytest.mark.slow
-@pytest.mark.parametrize("baseline", ["group", "batch"])
+@pytest.mark.parametrize("baseline", ["group", "batch", "z_score"])
 def test_mixed_baselines_unbiased(x64, baseline):
-    """The same with the group leave-one-out baseline (4 programs per unit) and the batch-wide
-    one."""
+    """The same with the group leave-one-out baseline (4 programs per unit), the batch-wide
+    one, and with the Normal site z forced to the score function (batch-wide baseline)."""
     bl = ns.group_leave_one_out(4) if baseline == "group" else ns.leave_one_out()
-    p = ns.elbo(mixed_model, mixed_guide, baseline=bl)
+    choice = {"z": "score"} if baseline == "z_score" else None
+    p = ns.elbo(mixed_model, mixed_guide, baseline=bl, site_estimators=choice)
     theta = _mixed_theta()
     r = p.estimate_grad(theta, jax.random.key(21), num_samples=20_000)
     truth = _vec(jax.grad(_mixed_exact)(theta))
