@@ -105,11 +105,15 @@ CATALOGUE = [
      lambda: _grad(family=_user(log_prob=lambda t, x: _lp(t["mean"], x)), theta=jnp.zeros(2)),
      TypeError, r"family\.log_prob\(theta, x\) failed while tracing.*structure"),
     # f returning the wrong thing
-    ("f_vector", lambda: _grad(f=lambda x: x), ValueError, r"f\(x\) must return a scalar"),
+    # (an array-valued f is accepted: tests/test_vector_f.py; a stateful estimator refuses it)
+    ("f_vector_stateful", lambda: _grad(f=lambda x: x, estimator=sg.score_function(
+        sg.baselines.moving_average(0.9))), ValueError, r"f returns an array.*stateful"),
+    ("f_tuple_of_entries", lambda: _grad(f=lambda x: (x[0], x[1])), TypeError,
+     r"f\(x\) must return a single floating-point scalar array"),
     ("f_int", lambda: _grad(f=lambda x: jnp.sum(x).astype(jnp.int32)), TypeError,
-     r"f\(x\) must return a floating-point scalar; got dtype int32"),
+     r"f\(x\) must return a floating-point scalar \(or array\); got dtype int32"),
     ("f_bool", lambda: _grad(f=lambda x: jnp.sum(x) > 0), TypeError,
-     r"f\(x\) must return a floating-point scalar; got dtype bool"),
+     r"f\(x\) must return a floating-point scalar \(or array\); got dtype bool"),
     ("f_complex", lambda: _grad(f=lambda x: jnp.sum(x).astype(jnp.complex64)), TypeError,
      r"f\(x\) must return a floating-point scalar"),
     ("f_tuple", lambda: _grad(f=lambda x: (jnp.sum(x), jnp.sum(x))), TypeError,
@@ -311,8 +315,8 @@ def test_bad_input_raises_naming_the_argument(thunk, exc, pattern):
 
 def test_errors_are_raised_at_trace_time_under_jit():
     """Inside jax.jit the same errors come out while tracing (no compile, no run)."""
-    with pytest.raises(ValueError, match=r"f\(x\) must return a scalar"):
-        jax.jit(lambda th: _grad(f=lambda x: x, theta=th).grad)(NORMAL_THETA)
+    with pytest.raises(TypeError, match=r"f\(x\) must return a single floating-point scalar"):
+        jax.jit(lambda th: _grad(f=lambda x: (x, x), theta=th).grad)(NORMAL_THETA)
     with pytest.raises(TypeError, match=r"pathwise\(\) needs a reparameterizable sampler"):
         jax.jit(lambda th: sg.expectation(_sum, sg.families.bernoulli(), th, KEY, num_samples=4,
                                           estimator=sg.pathwise()))(jnp.zeros(2))

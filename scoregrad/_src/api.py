@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import chains, fitted, policy, problem, stats, surrogate
+from scoregrad._src import chains, fitted, policy, problem, stats, surrogate, vector
 from scoregrad._src.base import Estimator
 from scoregrad._src.family import Family
 from scoregrad._src.problem import Problem
@@ -117,8 +117,11 @@ def estimate_grad(
     ``jax.vmap`` over ``theta`` or ``key``.
 
     Args:
-      f: the integrand, ``f(x) -> scalar``. To differentiate an f that depends on theta, use
-        :func:`expectation` under ``jax.grad``.
+      f: the integrand, ``f(x) -> scalar``, or an array of any shape ``S``: every field of the
+        result (``value``, ``grad``, ``stderr``, ``num_nonfinite``, ...) then leads with ``S``
+        (``grad`` is the Jacobian, laid out as ``jax.jacrev``'s), computed in one pass over the
+        draws (see docs/vector-f.md; stateful estimators are refused). To differentiate an f
+        that depends on theta, use :func:`expectation` under ``jax.grad``.
       family: a :class:`~scoregrad.Family`.
       theta: the parameters, a pytree of floating-point arrays.
       key: a ``jax.random.key`` or legacy ``jax.random.PRNGKey``.
@@ -157,6 +160,13 @@ def estimate_grad(
     """
     where = "estimate_grad"
     run_policy = policy.make_policy(where, nan_policy, devices, chunk_size)
+    shape = problem.output_shape(f, family, theta, key, estimator, where)
+    if shape:
+        return vector.estimate(
+            lambda fj, nan: estimate_grad(fj, family, theta, key, num_samples=num_samples,
+                                          estimator=estimator, state=state,
+                                          chunk_size=chunk_size, nan_policy=nan, devices=devices),
+            f, shape, nan_policy, state, where)
     prob = problem.prepare(f, family, theta, key, num_samples, estimator, where,
                            policy=run_policy)
     state = problem.init_state(prob.est, theta, state)
@@ -202,6 +212,7 @@ def estimate_grad_from_samples(
       >>> float(r.grad[0])
       0.25
     """
+    given = samples
     flat = chains.check(correlation, num_batches, samples)
     batches = None
     if flat is not None:
@@ -220,6 +231,14 @@ def estimate_grad_from_samples(
     samples = jax.tree_util.tree_map(jnp.asarray, samples)
     where = "estimate_grad_from_samples"
     run_policy = policy.make_policy(where, nan_policy, None, chunk_size)
+    shape = problem.output_shape(f, family, theta, None, estimator, where, samples)
+    if shape:
+        return vector.estimate(
+            lambda fj, nan: estimate_grad_from_samples(
+                fj, family, theta, given, estimator=estimator, state=state,
+                chunk_size=chunk_size, nan_policy=nan, correlation=correlation,
+                num_batches=num_batches),
+            f, shape, nan_policy, state, where)
     prob = problem.prepare(f, family, theta, None, n, estimator, where, samples,
                            policy=run_policy)
     state = problem.init_state(prob.est, theta, state)
@@ -250,13 +269,16 @@ def expectation(
     :func:`expectation_with_state`.
 
     Args:
-      f: ``f(x) -> scalar``; may close over theta (or anything else being differentiated).
+      f: ``f(x) -> scalar``, or an array of shape ``S`` (then the result has shape ``S`` and
+        ``jax.jacrev`` / ``jax.jacfwd`` of it are the estimator's Jacobian, in one pass over
+        the draws; docs/vector-f.md); may close over theta (or anything else being
+        differentiated).
       family, theta, key, num_samples, estimator, chunk_size, nan_policy, devices: as in
         :func:`estimate_grad` (with ``nan_policy="drop"`` the gradient averages over the finite
         draws).
 
     Returns:
-      A scalar with f's dtype.
+      An array of f's shape and dtype (a scalar for a scalar f).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -271,6 +293,13 @@ def expectation(
     """
     where = "expectation"
     run_policy = policy.make_policy(where, nan_policy, devices, chunk_size)
+    shape = problem.output_shape(f, family, theta, key, estimator, where)
+    if shape:
+        return vector.expectation(
+            lambda fj: expectation(fj, family, theta, key, num_samples=num_samples,
+                                   estimator=estimator, chunk_size=chunk_size,
+                                   nan_policy=nan_policy, devices=devices),
+            f, shape, where)
     prob = problem.prepare(f, family, theta, key, num_samples, estimator, where,
                            policy=run_policy)
     if prob.est.stateful:
@@ -316,6 +345,12 @@ def expectation_with_state(
     """
     where = "expectation_with_state"
     run_policy = policy.make_policy(where, nan_policy, devices, chunk_size)
+    if problem.output_shape(f, family, theta, key, estimator, where):
+        raise ValueError(
+            f"{where}: f returns an array; stateful estimators keep one state per objective. "
+            "Use sg.expectation with a stateless estimator for an array-valued f, or one "
+            "scalar f per call."
+        )
     prob = problem.prepare(f, family, theta, key, num_samples, estimator, where,
                            policy=run_policy)
     if state is None:

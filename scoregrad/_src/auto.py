@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from scoregrad._src import problem
 from scoregrad._src.base import Estimator
 from scoregrad._src.binding import bind_public
 
@@ -218,6 +219,12 @@ def auto(f: Callable, family, theta: PyTree, key: jax.Array, *, num_samples: int
     from scoregrad import score_function
 
     _check(cost, repeats)
+    if problem.output_shape(f, family, theta, key, None, "auto"):
+        raise ValueError(
+            "auto: f must return a scalar; got an array. auto ranks estimators of one scalar "
+            "objective: pass the objective you optimise (e.g. a weighted sum of f's outputs), "
+            "or choose the estimator for the array-valued f yourself (docs/vector-f.md)."
+        )
     cands = list(default_candidates(family, num_samples, theta) if candidates is None
                  else candidates)
     if not cands:

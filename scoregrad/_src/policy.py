@@ -77,31 +77,40 @@ def check_nonfinite(policy: RunPolicy, fs: FStats, where: str) -> FStats:
     ties outputs to it so the check is never dead code (the error then surfaces wrapped in
     JAX's ``JaxRuntimeError``, carrying the same message).
     """
+    return fs._replace(nonfinite=check_count(policy, fs.nonfinite, where))
+
+
+def check_count(policy: RunPolicy, count, where: str):
+    """:func:`check_nonfinite` on a bare count (any shape: raises if any entry is positive)."""
     if policy.nan_policy != "raise":
-        return fs
-    if not isinstance(fs.nonfinite, jax.core.Tracer):
-        c = np.asarray(fs.nonfinite)
+        return count
+    if not isinstance(count, jax.core.Tracer):
+        c = np.asarray(count)
         _raise_if_nonfinite(int(c.max()) if c.size else 0, where)
-        return fs
+        return count
     if policy.devices is not None:  # pure_callback's host sharding does not lower under Shardy
-        jax.debug.callback(lambda c: _raise_if_nonfinite(int(np.max(c)), where), fs.nonfinite)
-        return fs
+        jax.debug.callback(lambda c: _raise_if_nonfinite(int(np.max(c)), where), count)
+        return count
 
     def check(c):
         c = np.asarray(c)
         _raise_if_nonfinite(int(c.max()) if c.size else 0, where)
         return c
 
-    checked = jax.pure_callback(
-        check, jax.ShapeDtypeStruct(fs.nonfinite.shape, fs.nonfinite.dtype), fs.nonfinite,
+    return jax.pure_callback(
+        check, jax.ShapeDtypeStruct(count.shape, count.dtype), count,
         vmap_method="broadcast_all",
     )
-    return fs._replace(nonfinite=checked)
 
 
 def guard(x, fs: FStats):
     """``x`` times 1, made data-dependent on the checked non-finite count."""
     return x * jnp.where(fs.nonfinite >= 0, 1, jnp.nan).astype(jnp.result_type(x))
+
+
+def guard_count(x, count):
+    """``x`` times 1, made data-dependent on a checked count of any shape."""
+    return x * jnp.where(jnp.all(count >= 0), 1, jnp.nan).astype(jnp.result_type(x))
 
 
 def guard_tree(tree, fs: FStats):

@@ -140,6 +140,30 @@ def _trace_user(f, family, theta, x_struct, plan, name):
     return f_c, f_consts, lp_c, lp_consts, jax.tree_util.tree_leaves(f_struct)[0].dtype
 
 
+def _bound(f, family, theta, key, samples, estimator, where):
+    """The checked arguments, how draws are made, and the estimator bound to them."""
+    est = _check_common(f, family, estimator, where)
+    validation.check_theta(theta)
+    if family.check_theta is not None:
+        family.check_theta(theta)
+    dr = _draw_form(family, theta, key, samples)
+    return est, dr, binding.bind(est, Target(family, theta, dr.x_struct, dr.legacy))
+
+
+def output_shape(f, family, theta, key, estimator, where, samples=None) -> tuple:
+    """The shape of ``f``'s value on one draw (``()`` for a scalar f), checked floating point.
+
+    Binds the estimator first (its f may see a relaxed draw: ``Plan.f_input``), so the draw f
+    receives is the one the estimator passes. Errors are :func:`prepare`'s.
+    """
+    _, dr, plan = _bound(f, family, theta, key, samples, estimator, where)
+    fx_struct = dr.x_struct if plan.f_input is None else plan.f_input(dr.x_struct, theta)
+    f_struct = traced_struct(f, (fx_struct,), "f(x)",
+                             "f must accept one draw x as the family samples it.")
+    validation.check_float_array(f_struct, "f(x)")
+    return tuple(jax.tree_util.tree_leaves(f_struct)[0].shape)
+
+
 def _num_units(num_samples, plan, who: str, name: str, per_sample: int = 0) -> int:
     """Units to run: evaluations of f / draws per unit, or (``per_sample``: given samples per
     unit) given samples / samples per unit."""
@@ -162,12 +186,7 @@ def prepare(
     what the contract derives (K, needs a key, presample, stateful) is derived
     (:func:`binding.resolve`).
     """
-    est = _check_common(f, family, estimator, where)
-    validation.check_theta(theta)
-    if family.check_theta is not None:
-        family.check_theta(theta)
-    dr = _draw_form(family, theta, key, samples)
-    plan = binding.bind(est, Target(family, theta, dr.x_struct, dr.legacy))
+    est, dr, plan = _bound(f, family, theta, key, samples, estimator, where)
     if samples is None:  # checked before tracing f: the error names num_samples first
         _num_units(num_samples, plan, est.name, num_samples_name)
     f_c, f_consts, lp_c, lp_consts, f_dtype = _trace_user(f, family, theta, dr.x_struct, plan,

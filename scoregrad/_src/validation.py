@@ -160,6 +160,23 @@ def _describe(struct: Any) -> str:
     return f"a {type(struct).__name__} with {n} array(s) ({jax.tree_util.tree_structure(struct)})"
 
 
+def check_float_array(struct: Any, what: str) -> None:
+    """``struct`` (from eval_shape) must be one floating-point array (any shape)."""
+    leaves = jax.tree_util.tree_leaves(struct)
+    is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(struct))
+    if len(leaves) != 1 or not is_leaf or not hasattr(leaves[0], "shape"):
+        raise TypeError(
+            f"{what} must return a single floating-point scalar array (or one array, for an "
+            f"array-valued expectation); got {_describe(struct)}. Stack several outputs, e.g. "
+            "`jnp.stack([...])`."
+        )
+    if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+        raise TypeError(
+            f"{what} must return a floating-point scalar (or array); got dtype "
+            f"{leaves[0].dtype}. Cast the result, e.g. `.astype(jnp.float32)`."
+        )
+
+
 def check_scalar_float(struct: Any, what: str, fix: str) -> None:
     """``struct`` (from eval_shape) must be a single floating-point scalar."""
     leaves = jax.tree_util.tree_leaves(struct)
