@@ -1,6 +1,15 @@
 """scoregrad: Monte Carlo gradient estimation in JAX."""
 
-from scoregrad import baselines, control_variates, families, importance, lm_rl, programs, sampling
+from scoregrad import (
+    baselines,
+    control_variates,
+    families,
+    importance,
+    lm_rl,
+    numpyro_sites,
+    programs,
+    sampling,
+)
 from scoregrad._src.adaptive import AdaptiveEstimate, estimate_grad_adaptive
 from scoregrad._src.api import (
     GradEstimate,
@@ -74,6 +83,7 @@ __all__ = [
     "magic_box",
     "measure_valued",
     "pathwise",
+    "numpyro_sites",
     "programs",
     "rebar",
     "relax",
