@@ -68,6 +68,10 @@ class FStats(NamedTuple):
     # The mean of each of a unit's f values over the units, shape (m,): per step of a
     # sequential program (per-step baselines), per draw of a group.
     per: Any = None
+    # The centred second moment, over units, of each unit's mean f value: a unit's f values
+    # (a coupled pair, a group, T * c_t of a program) are not independent draws of f, so the
+    # value's standard error is over the unit means.
+    unit_m2: Any = None
 
 
 class UnitOut(NamedTuple):

@@ -17,7 +17,9 @@ class GradEstimate(NamedTuple):
 
     Attributes:
       value: the Monte Carlo mean of f.
-      value_stderr: its standard error.
+      value_stderr: its standard error, from the spread of the units' mean f values (a unit's
+        f values, e.g. an antithetic pair, an RLOO group or a program's per-step costs, are
+        not independent draws of f).
       grad: pytree like theta: the gradient estimate.
       stderr: pytree like theta: the standard error of each gradient coordinate,
         ``sqrt(variance / num_units)``.
@@ -64,14 +66,18 @@ def summarize(*, fs: FStats, grad: PyTree, variance: PyTree, n_units: Any, num_s
     if stderr is None:
         stderr = jax.tree_util.tree_map(lambda v: jnp.sqrt(v / n.astype(v.dtype)), variance)
     snr = jax.tree_util.tree_map(lambda g, s: jnp.abs(g) / s, grad, stderr)
-    fvar = jnp.where(fs.count > 1, fs.m2 / jnp.maximum(fs.count - 1, 1), jnp.nan)
+    if fs.unit_m2 is None:  # statistics built by hand: one f value per unit
+        fvar, n_f = jnp.where(fs.count > 1, fs.m2 / jnp.maximum(fs.count - 1, 1), jnp.nan), fs.count
+    else:  # over the units' mean f values (a unit's f values are not independent draws)
+        fvar = jnp.where(fs.units > 1, fs.unit_m2 / jnp.maximum(fs.units - 1, 1), jnp.nan)
+        n_f = fs.units
     if plain_variance is None:
         reduction = jax.tree_util.tree_map(jnp.ones_like, variance)
     else:
         reduction = jax.tree_util.tree_map(lambda p, v: p / v, plain_variance, variance)
     return GradEstimate(
         value=fs.mean,
-        value_stderr=jnp.sqrt(fvar / fs.count),
+        value_stderr=jnp.sqrt(fvar / n_f),
         grad=grad,
         stderr=stderr,
         variance=variance,

@@ -59,8 +59,9 @@ def fstats_of(
         n = jnp.asarray(d.size, dtype)
         dm = jnp.mean(d)
         units = jnp.asarray(per_unit.shape[0], dtype)
+        unit_d = jnp.mean(d, axis=1)
         return FStats(n, c + dm, jnp.sum(jnp.square(d - dm)), nonfinite, units,
-                      c + jnp.mean(d, axis=0))
+                      c + jnp.mean(d, axis=0), jnp.sum(jnp.square(unit_d - dm)))
     kept = f_ok if ok is None else ok & f_ok
     keep = jnp.broadcast_to(kept[:, None], per_unit.shape)
     n = jnp.sum(keep).astype(dtype)
@@ -68,7 +69,8 @@ def fstats_of(
     m2 = jnp.sum(jnp.where(keep, jnp.square(d - dm), 0))
     units = jnp.sum(kept).astype(dtype)
     per = c + jnp.sum(jnp.where(keep, d, 0), axis=0) / jnp.maximum(units, 1)
-    return FStats(n, c + dm, m2, nonfinite, units, per)
+    unit_m2 = jnp.sum(jnp.where(kept, jnp.square(jnp.mean(d, axis=1) - dm), 0))
+    return FStats(n, c + dm, m2, nonfinite, units, per, unit_m2)
 
 
 def merge_fstats(a: FStats, b: FStats) -> FStats:
@@ -78,8 +80,11 @@ def merge_fstats(a: FStats, b: FStats) -> FStats:
     mean = a.mean + delta * b.count / safe_n
     m2 = a.m2 + b.m2 + delta**2 * a.count * b.count / safe_n
     units = a.units + b.units
-    per = a.per + (b.per - a.per) * b.units / jnp.where(units > 0, units, 1)
-    return FStats(n, mean, m2, a.nonfinite + b.nonfinite, units, per)
+    safe_u = jnp.where(units > 0, units, 1)
+    per = a.per + (b.per - a.per) * b.units / safe_u
+    # every kept unit has the same number of f values: the mean of unit means is the mean
+    unit_m2 = a.unit_m2 + b.unit_m2 + delta**2 * a.units * b.units / safe_u
+    return FStats(n, mean, m2, a.nonfinite + b.nonfinite, units, per, unit_m2)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
