@@ -298,3 +298,20 @@ def test_the_docs_page_example_runs_and_agrees():
 
     su.assert_unbiased(r.grad, r.stderr, jax.jacrev(mean)(theta), atol=1e-6, what="docs J")
     su.assert_power(r.stderr, 0.01, what="docs SE")
+
+
+def test_one_entry_arrays_keep_their_shape():
+    est = sg.score_function(sg.baselines.leave_one_out())
+    r = sg.estimate_grad(lambda b: jnp.sum(b)[None], BERN, THETA, jax.random.key(1),
+                         num_samples=128, estimator=est)
+    s = sg.estimate_grad(lambda b: jnp.sum(b), BERN, THETA, jax.random.key(1), num_samples=128,
+                         estimator=est)
+    assert r.grad.shape == (1, 2) and r.value.shape == (1,) and r.num_nonfinite.shape == (1,)
+    np.testing.assert_allclose(r.grad[0], s.grad, rtol=1e-6)
+    np.testing.assert_allclose(r.stderr[0], s.stderr, rtol=1e-6)
+    v = sg.expectation(lambda b: jnp.sum(b).reshape(1, 1), BERN, THETA, jax.random.key(1),
+                       num_samples=128, estimator=est)
+    assert v.shape == (1, 1)
+    with pytest.raises(FloatingPointError):
+        sg.estimate_grad(lambda b: jnp.where(b[0] > 0, jnp.nan, 1.0)[None], BERN, THETA,
+                         jax.random.key(1), num_samples=128)

@@ -53,6 +53,8 @@ def _refuse_stateful(where: str) -> None:
 def expectation(call: Callable, f: Callable, shape: tuple, where: str) -> jax.Array:
     """``call(scalar_f)`` (the scalar :func:`~scoregrad.expectation`) for every entry of f."""
     m = _size(shape, where)
+    if m == 1:  # one entry: the scalar engine itself (no vmap)
+        return jnp.reshape(call(lambda x: jnp.reshape(f(x), ())), shape)
     values = jax.vmap(lambda j: call(_entry(f, j)))(jnp.arange(m))
     return values.reshape(shape)
 
@@ -79,7 +81,15 @@ def estimate(call: Callable, f: Callable, shape: tuple, nan_policy: str, state: 
         meta["num_samples"] = r.num_samples
         return r._replace(num_samples=jnp.zeros(()))
 
-    res = jax.vmap(one)(jnp.arange(m))
+    if m == 1:  # one entry: the scalar engine itself (no vmap), given a leading axis of 1
+        r = call(lambda x: jnp.reshape(f(x), ()), inner)
+        if jax.tree_util.tree_leaves(r.state):
+            _refuse_stateful(where)
+        meta["num_samples"] = r.num_samples
+        res = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None],
+                                     r._replace(num_samples=jnp.zeros(()), state=()))
+    else:
+        res = jax.vmap(one)(jnp.arange(m))
     if meta.get("stateful"):
         _refuse_stateful(where)
 
