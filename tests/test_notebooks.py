@@ -13,7 +13,7 @@ NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.py"))
 
 def test_the_expected_notebooks_exist():
     assert {"quickstart.py", "rl_bandit.py", "vi.py", "discrete_vae.py",
-            "finance_greeks.py"} <= set(NOTEBOOKS)
+            "finance_greeks.py", "programs.py"} <= set(NOTEBOOKS)
     assert not list(NOTEBOOK_DIR.glob("*.ipynb"))
     for name in NOTEBOOKS:
         text = (NOTEBOOK_DIR / name).read_text()
