@@ -97,3 +97,15 @@ def test_correlation_errors():
     with pytest.raises(ValueError, match="cross-fitting"):
         sg.estimate_grad_from_samples(_f, FAM, _theta(), xs, correlation="batch_means",
                                       estimator=sg.score_function(sg.baselines.optimal()))
+
+
+def test_default_num_batches_divides_n_or_says_what_to_do():
+    fam = sg.families.bernoulli()
+    theta = jnp.asarray([0.3, -0.5])
+    xs = jax.vmap(lambda k: fam.sample(theta, k))(jax.random.split(jax.random.key(5), 4000))
+    r = sg.estimate_grad_from_samples(lambda b: jnp.sum(b), fam, theta, xs,
+                                      correlation="batch_means")  # 4000 = 63.2^2: 50 batches
+    assert np.all(np.isfinite(np.asarray(r.stderr)))
+    with pytest.raises(ValueError, match="N = 4001 draws do not split into equal batches"):
+        sg.estimate_grad_from_samples(lambda b: jnp.sum(b), fam, theta,
+                                      jnp.concatenate([xs, xs[:1]]), correlation="batch_means")

@@ -467,3 +467,21 @@ def test_mixed_hessian_unbiased_tracegraph_not(x64):
     assert_unbiased(mean, se, truth, atol=1e-6, what="per-site Hessian")
     tg_mean, tg_se = replicate_stats(np.asarray(tg(keys)))
     assert_rejects(tg_mean, tg_se, truth, what="TraceGraph_ELBO's Hessian")
+
+
+def test_param_of_another_shape_is_refused():
+    import numpyro
+    import numpyro.distributions as dist
+
+    import scoregrad.numpyro_sites as ns
+
+    def model():
+        numpyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        s = numpyro.param("s", 0.0)
+        numpyro.sample("z", dist.Normal(s, 1.0))
+
+    p = ns.elbo(model, guide)
+    with pytest.raises(ValueError, match=r"theta\['s'\] has shape \(2,\).*declared with shape \(\)"):
+        p.estimate_grad({"s": jnp.array([0.1, 0.2])}, jax.random.key(0), num_samples=8)

@@ -315,3 +315,20 @@ def test_one_entry_arrays_keep_their_shape():
     with pytest.raises(FloatingPointError):
         sg.estimate_grad(lambda b: jnp.where(b[0] > 0, jnp.nan, 1.0)[None], BERN, THETA,
                          jax.random.key(1), num_samples=128)
+
+
+def test_expectation_raises_floating_point_error_eagerly_and_jacfwd_keeps_finite_rows(x64):
+    theta = THETA.astype(jnp.float64)
+
+    def fn(b):
+        return jnp.stack([jnp.sum(b), jnp.where(b[0] > 0, jnp.nan, 1.0)])
+
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        sg.expectation(fn, BERN, theta, jax.random.key(0), num_samples=64)
+    est = sg.score_function(sg.baselines.leave_one_out())
+    jf = jax.jacfwd(lambda th: sg.expectation(fn, BERN, th, jax.random.key(0), num_samples=64,
+                                              estimator=est, nan_policy="propagate"))(theta)
+    r = sg.estimate_grad(fn, BERN, theta, jax.random.key(0), num_samples=64, estimator=est,
+                         nan_policy="propagate")
+    np.testing.assert_allclose(jf[0], r.grad[0], rtol=1e-10)
+    assert np.all(np.isfinite(np.asarray(jf[0]))) and not np.all(np.isfinite(np.asarray(jf[1])))

@@ -198,8 +198,8 @@ def estimate_grad_from_samples(
     errors are then too small. ``correlation="chains"``: the leaves have leading axes
     ``(chains, steps)`` (independent chains of equal length, at least 2), and standard errors
     come from the spread of the per-chain estimates; ``correlation="batch_means"``: one chain
-    (leading axis: steps), standard errors from ``num_batches`` contiguous batch means (default
-    :math:`\lfloor\sqrt N\rfloor`; each batch should be much longer than the autocorrelation
+    (leading axis: steps), standard errors from ``num_batches`` contiguous batch means (default:
+    the divisor of N closest to :math:`\sqrt N`; each batch should be much longer than the autocorrelation
     time). ``value_stderr`` is computed the same way. The estimate itself is the plain mean
     (discard burn-in first).
 

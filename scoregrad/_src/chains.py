@@ -36,6 +36,18 @@ PyTree = Any
 MODES = ("chains", "batch_means")
 
 
+def _default_batches(n: int) -> int:
+    """The divisor of ``n`` in [2, n/2] closest to sqrt(n) (equal batches); raises if none."""
+    divisors = [d for d in range(2, n // 2 + 1) if n % d == 0]
+    if not divisors:
+        raise ValueError(
+            f"correlation='batch_means': N = {n} draws do not split into equal batches (no "
+            "divisor in [2, N/2]); drop a few draws (burn-in) so that N has one, or pass "
+            "num_batches= with N a multiple of it."
+        )
+    return min(divisors, key=lambda d: (abs(d - math.sqrt(n)), d))
+
+
 def check(correlation, num_batches, samples) -> Optional[tuple]:
     """``(samples flattened to one axis of draws, number of batches)``, or None (i.i.d.)."""
     if correlation is None:
@@ -59,7 +71,7 @@ def check(correlation, num_batches, samples) -> Optional[tuple]:
         flat = jax.tree_util.tree_map(lambda a: a.reshape((c * t,) + a.shape[2:]), samples)
         return flat, int(c)
     n = int(leaves[0].shape[0])
-    b = math.isqrt(n) if num_batches is None else num_batches
+    b = _default_batches(n) if num_batches is None else num_batches
     if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= n // 2:
         raise ValueError(f"`num_batches` must be an int in [2, N/2] = [2, {n // 2}]; got {b!r}.")
     return samples, int(b)
@@ -75,8 +87,9 @@ def estimate(prob, state, samples, num_batches: int):
         )
     if prob.num_units % num_batches:
         raise ValueError(
-            f"correlation=...: {prob.num_units} units do not split into {num_batches} equal "
-            "batches (chains of equal length, or N a multiple of num_batches)."
+            f"correlation=...: {prob.num_units} units ({est.name} uses "
+            f"{est.samples_per_unit} sample(s) per unit) do not split into {num_batches} equal "
+            "batches: pass num_batches= dividing the number of units (chains of equal length)."
         )
     bounds = fitted.bounds(prob.num_units, num_batches)
     out = engine.run(

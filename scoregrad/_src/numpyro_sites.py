@@ -316,6 +316,15 @@ def _check_match(gtr, mtr, theta) -> None:
             f"sg.numpyro_sites: the numpyro.param sites {sorted(missing)} have no entry in "
             "theta, so they would keep their initial value and get no gradient. Pass them in "
             "theta (problem.init_params() returns every param's initial value).")
+    for n, site in ((n, s) for tr in (gtr, mtr) for n, s in tr.items() if s["type"] == "param"):
+        init: Any = site["args"][0] if site["args"] else None
+        if hasattr(init, "shape") or isinstance(init, (int, float)):
+            if np.shape(init) != jnp.shape(theta[n]):
+                raise ValueError(
+                    f"sg.numpyro_sites: theta[{n!r}] has shape {jnp.shape(theta[n])} but the "
+                    f"numpyro.param site {n!r} is declared with shape {np.shape(init)}; a "
+                    "different shape silently changes the program (broadcasting). Pass a value "
+                    "of the declared shape (problem.init_params() gives them).")
 
 
 class SiteELBO(NamedTuple):

@@ -20,6 +20,7 @@ finite there.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -55,7 +56,15 @@ def expectation(call: Callable, f: Callable, shape: tuple, where: str) -> jax.Ar
     m = _size(shape, where)
     if m == 1:  # one entry: the scalar engine itself (no vmap)
         return jnp.reshape(call(lambda x: jnp.reshape(f(x), ())), shape)
-    values = jax.vmap(lambda j: call(_entry(f, j)))(jnp.arange(m))
+    try:
+        values = jax.vmap(lambda j: call(_entry(f, j)))(jnp.arange(m))
+    except jax.errors.JaxRuntimeError as err:
+        # Eagerly the entries' host check surfaces wrapped (as under jit); unwrap it so that
+        # `except FloatingPointError` catches it, as for a scalar f.
+        found = re.search(r"(\w+: \d+ evaluation\(s\) of f.*?to keep them\.)", str(err), re.S)
+        if found is None:
+            raise
+        raise FloatingPointError(found.group(1)) from err
     return values.reshape(shape)
 
 
