@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 import time
 
 import jax
 import numpy as np
+from _meta import commit, machine  # benchmarks/ is sys.path[0] when run as a script
 
 import scoregrad as sg
 import scoregrad.programs as sp
@@ -40,22 +39,6 @@ LABELS = {
     "per_date_value": "per-date + exact continuation value",
     "knockout": "per-date, telescoped knock-out credit",
 }
-
-
-def _machine() -> str:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} cores, jax {jax.__version__}, "
-            f"device {dev.platform} ({dev.device_kind}), load average at the end {load}")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=HERE).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def ratio_se(a, b):
@@ -138,8 +121,8 @@ def main():
                 lines.append(f"| {t} | {LABELS[k]} | {m:.3f} ± {se:.3f} | {z} | {pvar[k]:.4g} |")
         lines.append("")
     total = time.perf_counter() - t_all
-    text = "\n".join(lines).replace("{commit}", _commit()).replace(
-        "{machine}", _machine()).replace("{total}", f"{total / 60:.1f} minutes")
+    text = "\n".join(lines).replace("{commit}", commit()).replace(
+        "{machine}", machine()).replace("{total}", f"{total / 60:.1f} minutes")
     print(text)
     if not args.no_write:
         os.makedirs(os.path.dirname(OUT), exist_ok=True)

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 import time
 
 import jax
 import numpy as np
+from _meta import commit, machine  # benchmarks/ is sys.path[0] when run as a script
 
 import scoregrad as sg
 from scoregrad.examples import rl_programs as rp
@@ -45,22 +44,6 @@ LABELS = {
     "causal_moving_average": "reward-to-go + per-step moving average",
     "causal_value": "reward-to-go + learned V(s_t, t)",
 }
-
-
-def _machine() -> str:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} cores, jax {jax.__version__}, "
-            f"device {dev.platform} ({dev.device_kind}), load average at the end {load}")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=HERE).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def warmed_methods(prog, theta, key, num_episodes):
@@ -190,7 +173,7 @@ def main():
         "# CartPole: reward-to-go with per-step baselines vs trajectory-level REINFORCE",
         "",
         f"`python benchmarks/cartpole_causal.py` on {datetime.date.today().isoformat()}, "
-        f"commit {_commit()}, {{machine}}; total {{total}}.",
+        f"commit {commit()}, {{machine}}; total {{total}}.",
         "",
         f"gymnax CartPole-v1, episodes cut at T = {T} steps; policy: an MLP 4-32-2 (tanh), "
         "a list of `{w, b}` layers in plain JAX; the program's per-step log-probability is "
@@ -257,7 +240,7 @@ def main():
                      f"| {med:,.0f} |")
     lines.append("")
     total = time.perf_counter() - t_all
-    text = "\n".join(lines).replace("{machine}", _machine()).replace(
+    text = "\n".join(lines).replace("{machine}", machine()).replace(
         "{total}", f"{total / 60:.1f} minutes")
     print(text)
     if not args.no_write:
