@@ -160,42 +160,33 @@ def _describe(struct: Any) -> str:
     return f"a {type(struct).__name__} with {n} array(s) ({jax.tree_util.tree_structure(struct)})"
 
 
-def check_float_array(struct: Any, what: str) -> None:
-    """``struct`` (from eval_shape) must be one floating-point array (any shape)."""
+def _one_float_array(struct: Any, what: str, kind: str, dtype_kind: str, fix: str):
+    """The one floating-point array leaf of ``struct`` (from eval_shape), else a TypeError."""
     leaves = jax.tree_util.tree_leaves(struct)
     is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(struct))
     if len(leaves) != 1 or not is_leaf or not hasattr(leaves[0], "shape"):
-        raise TypeError(
-            f"{what} must return a single floating-point scalar array (or one array, for an "
-            f"array-valued expectation); got {_describe(struct)}. Stack several outputs, e.g. "
-            "`jnp.stack([...])`."
-        )
+        raise TypeError(f"{what} must return a single floating-point {kind}; got "
+                        f"{_describe(struct)}. {fix}")
     if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
         raise TypeError(
-            f"{what} must return a floating-point scalar (or array); got dtype "
+            f"{what} must return a floating-point {dtype_kind}; got dtype "
             f"{leaves[0].dtype}. Cast the result, e.g. `.astype(jnp.float32)`."
         )
+    return leaves[0]
+
+
+def check_float_array(struct: Any, what: str) -> None:
+    """``struct`` (from eval_shape) must be one floating-point array (any shape)."""
+    _one_float_array(struct, what, "scalar array (or one array, for an array-valued "
+                     "expectation)", "scalar (or array)",
+                     "Stack several outputs, e.g. `jnp.stack([...])`.")
 
 
 def check_scalar_float(struct: Any, what: str, fix: str) -> None:
     """``struct`` (from eval_shape) must be a single floating-point scalar."""
-    leaves = jax.tree_util.tree_leaves(struct)
-    is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(struct))
-    if len(leaves) != 1 or not is_leaf or not hasattr(leaves[0], "shape"):
-        raise TypeError(
-            f"{what} must return a single floating-point scalar array; got {_describe(struct)}. "
-            f"{fix}"
-        )
-    (leaf,) = leaves
+    leaf = _one_float_array(struct, what, "scalar array", "scalar", fix)
     if leaf.shape != ():
-        raise ValueError(
-            f"{what} must return a scalar; got shape {leaf.shape}. {fix}"
-        )
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise TypeError(
-            f"{what} must return a floating-point scalar; got dtype {leaf.dtype}. Cast the result, e.g. "
-            f"`.astype(jnp.float32)`."
-        )
+        raise ValueError(f"{what} must return a scalar; got shape {leaf.shape}. {fix}")
 
 
 def check_state(state: Any, est: Any, theta: Any) -> None:
