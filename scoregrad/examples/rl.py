@@ -246,7 +246,8 @@ def learned_bandit_baseline(learning_rate: float = 0.1, dtype=None):
     return sg.score_function(baseline=base), fit
 
 
-def _gymnax_cartpole():
+def gymnax_cartpole():
+    """gymnax's CartPole-v1 (env, params), or an ImportError naming the extra to install."""
     try:
         import gymnax
     except ImportError as err:  # pragma: no cover - exercised only without the extra
@@ -267,7 +268,7 @@ def cartpole_family(max_steps: int = 200) -> sg.Family:
     with a leading time axis; steps after the episode ends have ``alive = 0``. ``log_prob`` sums
     the policy's log-probabilities over the live steps (the dynamics do not depend on theta).
     """
-    env, params = _gymnax_cartpole()
+    env, params = gymnax_cartpole()
 
     def sample(theta, key):
         k_reset, k_run = jax.random.split(key)

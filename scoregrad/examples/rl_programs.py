@@ -40,6 +40,7 @@ import optax
 
 import scoregrad as sg
 import scoregrad.programs as sp
+from scoregrad.examples.rl import gymnax_cartpole  # one gymnax import with the install hint
 
 __all__ = [
     "METHODS",
@@ -82,16 +83,6 @@ def mlp(params: list, x: jax.Array) -> jax.Array:
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
-def _gymnax_cartpole():
-    try:
-        import gymnax
-    except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "CartPole needs gymnax: pip install 'scoregrad[rl]' (or pip install gymnax)."
-        ) from err
-    return gymnax.make("CartPole-v1")
-
-
 def cartpole_program(max_steps: int = 200) -> sp.Program:
     r"""One CartPole episode of ``max_steps`` steps under the MLP policy ``theta``
     (:func:`init_mlp` with sizes ``(4, ..., 2)``) as a :func:`scoregrad.programs.program`.
@@ -111,7 +102,7 @@ def cartpole_program(max_steps: int = 200) -> sp.Program:
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"cartpole_program(max_steps=...) must be a positive int; got "
                          f"{max_steps!r}.")
-    env, params = _gymnax_cartpole()
+    env, params = gymnax_cartpole()
 
     def sample(theta, key):
         dtype = jnp.result_type(theta[-1]["w"])
