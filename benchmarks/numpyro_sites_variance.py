@@ -34,7 +34,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import time
 
 import jax
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from _meta import commit  # benchmarks/ is sys.path[0] when run as a script
 
 import scoregrad as sg
 import scoregrad.numpyro_sites as ns
@@ -159,15 +159,6 @@ def _machine() -> str:
             f"average at the end {load} (times are noisy when it exceeds the core count)")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True,
-                              cwd=os.path.dirname(__file__)).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -175,7 +166,7 @@ def main():
     args = ap.parse_args()
     lines = ["# Per-site estimators vs whole-guide REINFORCE (NumPyro programs)", "",
              f"`python benchmarks/numpyro_sites_variance.py` on "
-             f"{datetime.date.today().isoformat()}, commit {_commit()}, {_machine()}.", "",
+             f"{datetime.date.today().isoformat()}, commit {commit()}, {_machine()}.", "",
              f"Per-evaluation variance (N * stderr^2 of `sg.estimate_grad`, N = {N:,} model "
              "evaluations, so estimators with groups of 4 programs per unit are compared at "
              "equal cost) of each coordinate of the negative-ELBO gradient at theta drawn once "

@@ -17,11 +17,11 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import time
 
 import jax
 import numpy as np
+from _meta import commit  # benchmarks/ is sys.path[0] when run as a script
 
 import scoregrad as sg
 import scoregrad.programs as sp
@@ -71,15 +71,6 @@ def _machine() -> str:
             "(times are noisy when it exceeds the core count)")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True,
-                              cwd=os.path.dirname(__file__)).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="*", default=[10, 50, 150, 500])
@@ -91,7 +82,7 @@ def main():
         "# Causal vs whole-program credit: iterated prisoner's dilemma",
         "",
         f"`python benchmarks/programs_variance.py` on {datetime.date.today().isoformat()}, "
-        f"commit {_commit()}, {_machine()}.",
+        f"commit {commit()}, {_machine()}.",
         "",
         f"{N} games per estimate, discount {args.discount}, theta fixed (key 0, scale 0.5). "
         "Variance: per game, of each coordinate of dV1/dtheta (agent 1's expected discounted "

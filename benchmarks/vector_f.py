@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _meta import commit as git_commit  # benchmarks/ is sys.path[0] as a script
 
 import scoregrad as sg
 
@@ -96,8 +97,7 @@ def main() -> int:
             print(f"{name} m={m}: vector {t_vec * 1e3:.1f} ms, {m} scalar calls "
                   f"{t_sep * 1e3:.1f} ms, one scalar {t_one * 1e3:.1f} ms", flush=True)
     mem = {n: _memory(n) for n in (100_000, 1_000_000)}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         "# Array-valued f: the Jacobian in one pass",
         "",
