@@ -79,6 +79,15 @@ def test_delta_method_exact_for_quadratic(x64):
     np.testing.assert_allclose(r.grad["scale"], 2 * scale, atol=1e-8)
 
 
+def test_delta_method_refuses_an_array_valued_control_function():
+    """An array f handed to the delta method was a raw JAX error ("Gradient only defined for
+    scalar-output functions"); it is a TypeError naming delta_method, the shape and the fix."""
+    f = lambda x: jnp.stack([jnp.sum(x**2), jnp.sum(x)])  # noqa: E731
+    est = cv.with_control_variates(sg.score_function(), cv.delta_method(f, order=2))
+    with pytest.raises(TypeError, match=r"delta_method\(f=\.\.\.\).*scalar.*\(2,\).*f\(x\)\[j\]"):
+        sg.estimate_grad(f, FAM, THETA, jax.random.key(0), num_samples=64, estimator=est)
+
+
 @pytest.mark.statistical
 def test_pathwise_with_control_variate_unbiased(x64):
     est = cv.with_control_variates(sg.pathwise(), cv.delta_method(_cos, order=2))

@@ -135,6 +135,13 @@ def delta_method(f: Callable, *, order: int = 2, moments: tuple | None = None) -
             a = jax.lax.stop_gradient(mean_fn(theta))
             flat_a, unravel = ravel_pytree(a)
             fr = lambda z: f(unravel(z))  # noqa: E731
+            shape = jnp.shape(jax.eval_shape(fr, flat_a))
+            if shape != ():
+                raise TypeError(
+                    f"delta_method(f=...): f must return a scalar (it is expanded to second "
+                    f"order around the mean); got shape {shape}. For an array-valued integrand, "
+                    "estimate each entry with its own control function, e.g. "
+                    "delta_method(lambda x: f(x)[j]), or drop the control variate.")
             g = jax.grad(fr)(flat_a)
             hess = jax.hessian(fr)(flat_a) if order == 2 else jnp.zeros((g.size, g.size), g.dtype)
             return fr(flat_a), g, hess, flat_a
