@@ -343,3 +343,55 @@ def test_expectation_raises_floating_point_error_eagerly_and_jacfwd_keeps_finite
                          nan_policy="propagate")
     np.testing.assert_allclose(jf[0], r.grad[0], rtol=1e-10)
     assert np.all(np.isfinite(np.asarray(jf[0]))) and not np.all(np.isfinite(np.asarray(jf[1])))
+
+
+_FOUR_DEVICES = """
+import json, jax, jax.numpy as jnp, numpy as np
+import scoregrad as sg
+assert len(jax.devices()) == 4
+theta = {"loc": jnp.array([0.3, -0.2]), "scale": jnp.array([1.0, 0.7])}
+f = lambda x: jnp.stack([jnp.sum(x ** 2), jnp.sin(x[0]) * x[1], jnp.sum(x)])
+fam, key = sg.families.normal(), jax.random.key(3)
+out = {}
+for devices in (None, "all"):
+    jac = jax.jit(jax.jacrev(lambda th: sg.expectation(f, fam, th, key, num_samples=4000,
+                                                        devices=devices)))(theta)
+    r = jax.jit(lambda th: sg.estimate_grad(f, fam, th, key, num_samples=4000,
+                                            devices=devices))(theta)
+    text = jax.jit(lambda th: sg.estimate_grad(f, fam, th, key, num_samples=4000,
+                                               devices=devices).grad).lower(theta).as_text()
+    out[str(devices)] = {"jac": np.asarray(jac["scale"]).tolist(),
+                         "grad": np.asarray(r.grad["scale"]).tolist(),
+                         "stderr": np.asarray(r.stderr["scale"]).tolist(),
+                         "sharded": "shard_map" in text or "sdy.manual_computation" in text}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_array_f_on_one_and_four_host_devices():
+    """devices="all" with an array f: sharded (a shard_map in the program), and the Jacobian,
+    the gradient and its standard errors equal the one-device ones (here and in a 4-device
+    process) up to summation order."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", _FOUR_DEVICES], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    four = json.loads(proc.stdout.strip().splitlines()[-1])
+    theta = {"loc": jnp.array([0.3, -0.2]), "scale": jnp.array([1.0, 0.7])}
+    f = lambda x: jnp.stack([jnp.sum(x ** 2), jnp.sin(x[0]) * x[1], jnp.sum(x)])  # noqa: E731
+    fam, key = sg.families.normal(), jax.random.key(3)
+    one = sg.estimate_grad(f, fam, theta, key, num_samples=4000)
+    jac = jax.jacrev(lambda th: sg.expectation(f, fam, th, key, num_samples=4000))(theta)
+    assert four["all"]["sharded"] and not four["None"]["sharded"]
+    for run in ("None", "all"):
+        np.testing.assert_allclose(four[run]["jac"], jac["scale"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(four[run]["grad"], one.grad["scale"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(four[run]["stderr"], one.stderr["scale"], rtol=1e-4, atol=1e-6)
+    # Power: the three entries' Jacobian rows differ, so a run that mixed them up would fail.
+    assert np.min(np.abs(np.diff(np.asarray(jac["scale"]), axis=0))) > 1e-3
