@@ -19,6 +19,7 @@ import scoregrad as sg
 import scoregrad.numpyro_sites as ns
 from scoregrad._src.base import Draws, Model, Params
 from scoregrad._src.engine import fstats_of
+from scoregrad._src.numpyro_sites_credit import credit_of
 
 Y = 0.7
 
@@ -163,6 +164,12 @@ def _differ(a, b, min_gap=1e-3):
 
 # ---------------------------------------------------------------- structure
 
+def _structure(p, theta, x_struct):
+    """Guide sites, model sites, score sites and the (costs x score sites) dependence."""
+    c = credit_of(p.runner, theta, x_struct, True)
+    return list(c.guide_sites), list(c.model_sites), list(c.score), c.dependence()
+
+
 def test_sites_and_dependencies():
     """Automatic choice (score for the Bernoulli, pathwise for the Normal) and the dependence of
     every cost on the score sites: c influences every cost (z's distribution depends on it); in
@@ -171,12 +178,12 @@ def test_sites_and_dependencies():
     theta = _mixed_theta(jnp.float32)
     assert p.sites(theta) == {"c": "score", "z": "pathwise"}
     x = jax.eval_shape(p.family.sample, theta, jax.random.key(0))
-    g, m, score, d = p.runner.structure(theta, x)
+    g, m, score, d = _structure(p, theta, x)
     assert (g, m, score) == (["c", "z"], ["c", "y", "z"], ["c"]) and d.all()
     q = ns.elbo(disc_model, disc_guide)
     th = {"a": jnp.float32(0.0), "b": jnp.float32(0.0), "w": jnp.float32(0.0)}
     x = jax.eval_shape(q.family.sample, th, jax.random.key(0))
-    g, m, score, d = q.runner.structure(th, x)
+    g, m, score, d = _structure(q, th, x)
     rows = dict(zip([f"q:{n}" for n in g] + [f"p:{n}" for n in m], d.tolist()))
     assert score == ["c1", "c2"]
     assert rows == {"q:c1": [True, False], "q:c2": [True, True], "p:c1": [True, False],
@@ -266,7 +273,7 @@ def test_tracegraph_hessian_is_wrong_ours_is_right(x64):
     # dependencies: costs + sum_s (lq_s - sg(lq_s)) * sg(downstream cost)
     p = ns.elbo(disc_model, disc_guide)
     x0 = jax.eval_shape(p.family.sample, theta, jax.random.key(0))
-    g, m, score, d = p.runner.structure(theta, x0)
+    g, m, score, d = _structure(p, theta, x0)
 
     def naive(th, x):
         lq, lp = p.runner.site_terms(th, x)
