@@ -82,23 +82,17 @@ def estimate(call: Callable, f: Callable, shape: tuple, nan_policy: str, state: 
     inner = "propagate" if nan_policy == "raise" else nan_policy
     meta: dict = {}
 
-    def one(j):
-        r = call(_entry(f, j), inner)
-        if jax.tree_util.tree_leaves(r.state):
-            meta["stateful"] = True
-            return r._replace(num_samples=jnp.zeros(()), state=())
+    def one(fj):
+        r = call(fj, inner)
+        meta["stateful"] = meta.get("stateful", False) or bool(jax.tree_util.tree_leaves(r.state))
         meta["num_samples"] = r.num_samples
-        return r._replace(num_samples=jnp.zeros(()))
+        return r._replace(num_samples=jnp.zeros(()), state=())
 
     if m == 1:  # one entry: the scalar engine itself (no vmap), given a leading axis of 1
-        r = call(lambda x: jnp.reshape(f(x), ()), inner)
-        if jax.tree_util.tree_leaves(r.state):
-            _refuse_stateful(where)
-        meta["num_samples"] = r.num_samples
         res = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None],
-                                     r._replace(num_samples=jnp.zeros(()), state=()))
+                                     one(lambda x: jnp.reshape(f(x), ())))
     else:
-        res = jax.vmap(one)(jnp.arange(m))
+        res = jax.vmap(lambda j: one(_entry(f, j)))(jnp.arange(m))
     if meta.get("stateful"):
         _refuse_stateful(where)
 
