@@ -8,6 +8,11 @@ Two NumPyro models with two latent layers, each with a guide:
   (observed). Guide q(h1 | x) q(h2 | h1). Every site is discrete: the per-site estimator differs
   from whole-guide REINFORCE only by its credit (log p(x | h1) and log q(h1) are not credited to
   h2's parameters).
+* ``local_mixture``: 16 points x_i in a ``numpyro.plate``, each with its own component
+  k_i ~ Categorical(3) (discrete, local) and global means mu ~ Normal(., I) (continuous).
+  Guide q(mu) prod_i q(k_i | x_i) with logits W x_i + c. Compares per-element credit (the
+  default: k_i credited with log p(x_i | k_i, mu) and log q(k_i), log p(k_i) only) with
+  ``credit="site"`` (every k_i with all 16 points' costs).
 
 For each, at theta drawn once (key 0, scale 0.5), the per-evaluation variance of each
 coordinate of the negative-ELBO gradient (``N * stderr^2`` of ``estimate_grad`` with N = 20,000
@@ -20,7 +25,9 @@ evaluations of the model: per-unit variance times programs per unit) under:
 * ``whole score``: ``sg.score_function()`` on the same family and f (REINFORCE on log q of the
   whole guide);
 * ``whole score + LOO``: ``sg.score_function(baseline=sg.baselines.leave_one_out())``;
-* ``whole RLOO(4)``: ``sg.rloo(4)`` (the group baseline for the whole guide).
+* ``whole RLOO(4)``: ``sg.rloo(4)`` (the group baseline for the whole guide);
+* for ``local_mixture`` instead of the group forms: ``site credit`` (+ ``LOO``),
+  ``ns.elbo(..., credit="site")``: a plated site credited as a whole.
 
 and the time of a jitted ``jax.grad`` of ``sg.expectation`` with N = 1,000 (median of 3 after
 warm-up). Writes benchmarks/results/numpyro_sites_variance.md.
@@ -90,8 +97,34 @@ def sbn_guide(x):
     ).to_event(1))
 
 
+# ------------------------------------------------------------------ mixture with local components
+MU_L = jnp.array([-2.0, 0.0, 2.0])
+X_LOC = jnp.array([-2.3, -1.6, -0.2, 0.4, 1.9, 2.6, -1.9, 0.1, 2.2, 1.4,
+                   -0.6, -2.8, 0.8, 2.1, -1.2, 0.3])
+
+
+def local_model(x):
+    mu = numpyro.sample("mu", dist.Normal(MU_L, 1.0).to_event(1))
+    with numpyro.plate("data", x.shape[0]):
+        k = numpyro.sample("k", dist.Categorical(probs=jnp.ones(3) / 3))
+        numpyro.sample("x", dist.Normal(mu[k], 0.5), obs=x)
+
+
+def local_guide(x):
+    numpyro.sample("mu", dist.Normal(numpyro.param("m", jnp.zeros(3)),
+                                     jnp.exp(numpyro.param("s", jnp.zeros(3)))).to_event(1))
+    with numpyro.plate("data", x.shape[0]):
+        logits = numpyro.param("W", jnp.zeros(3)) * x[:, None] + numpyro.param("c", jnp.zeros(3))
+        numpyro.sample("k", dist.Categorical(logits=logits))
+
+
 MODELS = {"mixture": (mixture_model, mixture_guide, X_MIX),
-          "sbn": (sbn_model, sbn_guide, X_SBN)}
+          "sbn": (sbn_model, sbn_guide, X_SBN),
+          "local_mixture": (local_model, local_guide, X_LOC)}
+# the ratio column: (numerator, denominator) estimator labels
+RATIO = {"mixture": ("whole score + LOO", "per-site + LOO"),
+         "sbn": ("whole score + LOO", "per-site + LOO"),
+         "local_mixture": ("site credit + LOO", "per-site + LOO")}
 
 
 def _theta(p):
@@ -122,19 +155,32 @@ def _median_time(fn, *args, reps=3):
     return float(np.median(times))
 
 
-def run(name):
-    model, guide, x = MODELS[name]
-    p = ns.elbo(model, guide, x)
-    theta = _theta(p)
+def _estimators(name, model, guide, x, p):
     loo = ns.elbo(model, guide, x, baseline=ns.leave_one_out())
+    if name == "local_mixture":  # per-element (default) against whole-site credit
+        site = ns.elbo(model, guide, x, credit="site")
+        site_loo = ns.elbo(model, guide, x, credit="site", baseline=ns.leave_one_out())
+        return {"per-site": (p.estimator, p.family),
+                "per-site + LOO": (loo.estimator, loo.family),
+                "site credit": (site.estimator, site.family),
+                "site credit + LOO": (site_loo.estimator, site_loo.family),
+                "whole score + LOO": (sg.score_function(
+                    baseline=sg.baselines.leave_one_out()), p.family)}
     gloo = ns.elbo(model, guide, x, baseline=ns.group_leave_one_out(4))
-    ests = {"per-site": (p.estimator, p.family),
+    return {"per-site": (p.estimator, p.family),
             "per-site + LOO": (loo.estimator, loo.family),
             "per-site + LOO(4)": (gloo.estimator, gloo.family),
             "whole score": (sg.score_function(), p.family),
             "whole score + LOO": (sg.score_function(baseline=sg.baselines.leave_one_out()),
                                   p.family),
             "whole RLOO(4)": (sg.rloo(4), p.family)}
+
+
+def run(name):
+    model, guide, x = MODELS[name]
+    p = ns.elbo(model, guide, x)
+    theta = _theta(p)
+    ests = _estimators(name, model, guide, x, p)
     f = p.f(theta)
     out = {}
     for label, (est, fam) in ests.items():
@@ -170,7 +216,8 @@ def main():
              f"Per-evaluation variance (N * stderr^2 of `sg.estimate_grad`, N = {N:,} model "
              "evaluations, so estimators with groups of 4 programs per unit are compared at "
              "equal cost) of each coordinate of the negative-ELBO gradient at theta drawn once "
-             "(key 0, scale 0.5); the ratio is whole-guide REINFORCE / per-site, both with the "
+             "(key 0, scale 0.5); the ratio is whole-guide REINFORCE / per-site (for "
+             "`local_mixture`: whole-site / per-element credit), both with the "
              "batch-wide leave-one-out baseline. Time: jitted `jax.grad` of `sg.expectation` at "
              f"N = {N_TIME:,}, median of 3 after warm-up. The models are in the script's "
              "docstring.", ""]
@@ -182,9 +229,9 @@ def main():
                   f"Negative ELBO {out['per-site'][3]:.3f}. Time per gradient: "
                   + ", ".join(f"{lab} {out[lab][2] * 1e3:.1f} ms" for lab in labels) + ".", "",
                   "| coordinate | grad | " + " | ".join(f"var {lab}" for lab in labels)
-                  + " | whole + LOO / per-site + LOO |",
+                  + f" | {RATIO[name][0]} / {RATIO[name][1]} |",
                   "|---|---:|" + "---:|" * len(labels) + "---:|"]
-        whole, per = out["whole score + LOO"][0], out["per-site + LOO"][0]
+        whole, per = out[RATIO[name][0]][0], out[RATIO[name][1]][0]
         live = per > 1e-12 * np.max(per)  # coordinates with zero gradient in every draw: "-"
         ratio = np.where(live, whole / np.where(live, per, 1.0), np.nan)
         for i, n in enumerate(names):
