@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import chains, fitted, policy, problem, stats, surrogate, vector
+from scoregrad._src import chains, fitted, policy, problem, stats, surrogate, validation, vector
 from scoregrad._src.base import Estimator
 from scoregrad._src.family import Family
 from scoregrad._src.problem import Problem
@@ -71,10 +71,8 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
         mom.comoment)
     fs = problem.unshift(fs, ref)
     grad = policy.guard_tree(grad, fs)
-    if prob.nan_policy == "drop":  # every unit dropped: NaN, never a zero that looks exact
-        none_kept = mom.count < 1
-        grad = jax.tree_util.tree_map(lambda g: jnp.where(none_kept, jnp.nan, g), grad)
-        fs = fs._replace(mean=jnp.where(none_kept, jnp.nan, fs.mean))
+    grad = jax.tree_util.tree_map(lambda g: problem.nan_if_none_kept(prob, fs, g), grad)
+    fs = fs._replace(mean=problem.nan_if_none_kept(prob, fs, fs.mean))
     res = summarize(
         fs=fs._replace(mean=_value_with_gradient(policy.guard(fs.mean, fs), grad, prob)),
         grad=grad,
@@ -217,17 +215,7 @@ def estimate_grad_from_samples(
     batches = None
     if flat is not None:
         samples, batches = flat
-    leaves = jax.tree_util.tree_leaves(samples)
-    if not leaves or any(jnp.ndim(a) < 1 for a in leaves):
-        raise ValueError(
-            "`samples` must be a pytree of arrays with a leading axis of draws; got "
-            f"{type(samples).__name__}. Stack the draws, e.g. jnp.stack(draws)."
-        )
-    n = int(leaves[0].shape[0])
-    if any(a.shape[0] != n for a in leaves):
-        raise ValueError(
-            f"`samples` leaves disagree on the number of draws: {[a.shape[0] for a in leaves]}."
-        )
+    n = validation.check_sample_leaves(samples)
     samples = jax.tree_util.tree_map(jnp.asarray, samples)
     where = "estimate_grad_from_samples"
     run_policy = policy.make_policy(where, nan_policy, None, chunk_size)

@@ -14,7 +14,7 @@ unit once (``jax.eval_shape``, no FLOPs), what the contract does not let an esti
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,42 +37,12 @@ class Bound(NamedTuple):
     stateful: bool
     samples_per_unit: int = 1  # given samples one unit reads (K for a group, else 1)
 
-    # The plan's fields, read through (the engine's vocabulary).
-    @property
-    def unit(self):
-        return self.plan.unit
-
-    @property
-    def draws_per_unit(self) -> int:
-        return self.plan.draws_per_unit
-
-    @property
-    def min_units(self) -> int:
-        return self.plan.min_units
-
-    @property
-    def fitted(self) -> tuple:
-        return self.plan.fitted
-
-    @property
-    def num_folds(self) -> int:
-        return self.plan.num_folds
-
-    @property
-    def learn(self):
-        return self.plan.learn
-
-    @property
-    def max_order(self) -> Optional[int]:
-        return self.plan.max_order
-
-    @property
-    def shift_invariant(self) -> bool:
-        return self.plan.shift_invariant
-
-    @property
-    def shift_term(self) -> Optional[int]:
-        return self.plan.shift_term
+    def __getattr__(self, name: str) -> Any:
+        """The plan's fields, read through (``unit``, ``draws_per_unit``, ``min_units``,
+        ``fitted``, ``num_folds``, ``learn``, ``max_order``, ``shift_invariant``, ...)."""
+        if name.startswith("_") or name not in Plan._fields:
+            raise AttributeError(name)
+        return getattr(self.plan, name)
 
     def weights(self, fstats: FStats, state, num_units) -> jax.Array:
         if self.plan.weights is None:
@@ -146,16 +116,20 @@ def resolve(est: Estimator, plan: Plan, model, params, x_struct, key) -> Bound:
                  presample=presample, stateful=stateful, samples_per_unit=k)
 
 
+def _stand_in(family, theta, legacy: bool) -> Model:
+    """The family's model with a stand-in integrand (K and the derived properties do not
+    depend on f)."""
+    leaves = jax.tree_util.tree_leaves(theta)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    return Model(lambda x: jnp.zeros((), dtype), family.log_prob, family.sample, family, legacy)
+
+
 def num_terms(plan: Plan, target: Target, init: Callable) -> int:
     """K of ``plan``'s unit, from shapes only, for wrappers that append terms inside ``bind``.
 
     The unit is traced on the target's family with a stand-in integrand (K does not depend on f).
     """
-    leaves = jax.tree_util.tree_leaves(target.theta)
-    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-    model = Model(lambda x: jnp.zeros((), dtype), target.family.log_prob, target.family.sample,
-                  target.family, target.legacy_key)
-    key = jax.random.key(0)
+    model, key = _stand_in(target.family, target.theta, target.legacy_key), jax.random.key(0)
     out = jax.eval_shape(lambda th: plan.unit(model, Params(th), Draws(model, Params(th), key=key),
                                               init(th)), target.theta)
     return int(out.terms.shape[0])
@@ -180,7 +154,4 @@ def bind_public(estimator: Estimator, family, theta) -> Bound:
     key = jax.random.key(0)
     x_struct = jax.eval_shape(family.sample, theta, key)
     plan = bind(estimator, Target(family, theta, x_struct, False))
-    leaves = jax.tree_util.tree_leaves(theta)
-    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-    model = Model(lambda x: jnp.zeros((), dtype), family.log_prob, family.sample, family, False)
-    return resolve(estimator, plan, model, Params(theta), x_struct, key)
+    return resolve(estimator, plan, _stand_in(family, theta, False), Params(theta), x_struct, key)

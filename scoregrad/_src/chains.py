@@ -92,11 +92,7 @@ def estimate(prob, state, samples, num_batches: int):
             "batches: pass num_batches= dividing the number of units (chains of equal length)."
         )
     bounds = fitted.bounds(prob.num_units, num_batches)
-    out = engine.run(
-        prob.model, est, prob.params, state, num_units=prob.num_units, chunk_units=prob.chunk,
-        mode="diag", dtype=prob.dtype, samples=samples,
-        nan_policy="drop" if prob.nan_policy == "drop" else "propagate", folds=bounds,
-    )
+    out = engine.run_problem(prob, prob.params, state, "diag", samples=samples, folds=bounds)
     mom, fs = out.moments, out.fstats
     assert mom is not None  # mode "diag"
     w = jax.lax.stop_gradient(est.weights(fs, state, prob.num_units))

@@ -392,3 +392,14 @@ def run(
     if mode == "diag":
         return EngineOut(fstats, None, extra)
     return EngineOut(fstats, None, None)
+
+
+def run_problem(prob, params, state, mode: str, *, key=None, samples=None,
+                folds: Optional[tuple] = None, wrt: str = "theta") -> EngineOut:
+    """:func:`run` with a prepared problem's model, estimator, unit count, chunk, statistics
+    dtype and policy (``nan_policy``, ``devices``); ``"raise"`` runs as ``"propagate"``, the
+    entry point checks the count."""
+    return run(prob.model, prob.est, params, state, num_units=prob.num_units,
+               chunk_units=prob.chunk, mode=mode, dtype=prob.dtype, key=key, samples=samples,
+               nan_policy="drop" if prob.nan_policy == "drop" else "propagate",
+               devices=prob.devices, folds=folds, wrt=wrt)

@@ -128,14 +128,9 @@ def check_units(est: Estimator, num_units: int) -> None:
 
 
 def _run(prep, params, state, key, samples, wrt):
-    est = prep.est
-    check_units(est, prep.num_units)
-    return engine.run(
-        prep.model, est, params, state, num_units=prep.num_units, chunk_units=prep.chunk,
-        mode="diag", dtype=prep.dtype, key=key, samples=samples,
-        nan_policy="drop" if prep.nan_policy == "drop" else "propagate", devices=prep.devices,
-        folds=bounds(prep.num_units, est.num_folds), wrt=wrt,
-    )
+    check_units(prep.est, prep.num_units)
+    return engine.run_problem(prep, params, state, "diag", key=key, samples=samples,
+                              folds=bounds(prep.num_units, prep.est.num_folds), wrt=wrt)
 
 
 def estimate(prep, state, samples=None):

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import engine, policy, problem, stats, validation
+from scoregrad._src import engine, policy, stats, validation
 from scoregrad._src.base import Estimator, Plan, UnitOut, fixed
 from scoregrad._src.family import Family
 
@@ -29,7 +29,7 @@ PyTree = Any
 
 
 def _check_proposal_log_prob(proposal, proposal_theta, x_struct) -> None:
-    lq = problem.traced_struct(
+    lq = validation.traced_struct(
         proposal.log_prob, (proposal_theta, x_struct), "proposal.log_prob(proposal_theta, x)",
         "Check that `proposal_theta` has the structure `proposal` expects.")
     validation.check_scalar_float(
@@ -63,7 +63,7 @@ def _check_proposal_theta(proposal_theta, who):
 
 def _proposal_draw(proposal, proposal_theta, key, who):
     """The form of one draw of q (``key``: what ``proposal.sample`` is given)."""
-    return problem.traced_struct(
+    return validation.traced_struct(
         proposal.sample, (proposal_theta, key), f"{who}: proposal.sample(proposal_theta, key)",
         "Check that `proposal_theta` has the structure `proposal` expects (its parameters, not "
         "the target's).",
@@ -93,7 +93,7 @@ def _check_draws_match(q_draw, p_draw, who):
 
 def _check_log_probs(family, theta, proposal, proposal_theta, x_struct, who):
     theta_def = jax.tree_util.tree_structure(theta)
-    lp = problem.traced_struct(
+    lp = validation.traced_struct(
         family.log_prob, (theta, x_struct), "family.log_prob(theta, x)",
         f"Check that family.log_prob accepts theta of structure {theta_def} and the proposal's "
         "draws.")
@@ -104,7 +104,7 @@ def _check_log_probs(family, theta, proposal, proposal_theta, x_struct, who):
 
 
 def _check_f(f, x_struct):
-    fs = problem.traced_struct(f, (x_struct,), "f(x)", "f must accept one draw x of the proposal.")
+    fs = validation.traced_struct(f, (x_struct,), "f(x)", "f must accept one draw x of the proposal.")
     validation.check_scalar_float(
         fs, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`.")
 
@@ -261,7 +261,7 @@ def estimate_grad_importance(
     _check_proposal_theta(proposal_theta, who)
     typed, samples, n, legacy = _inputs(samples, key, num_samples)
     chunk = run_policy.chunk_size
-    p_draw = problem.draw_struct(family, theta)
+    p_draw = validation.draw_struct(family, theta)
     if samples is None:
         assert key is not None  # _inputs: exactly one of samples and key
         user_key = key if legacy else validation.normalize_key(key)

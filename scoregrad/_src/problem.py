@@ -40,24 +40,6 @@ class Problem(NamedTuple):
         return self.policy.devices
 
 
-def traced_struct(fn: Callable, args, what: str, fix: str):
-    try:
-        return jax.eval_shape(fn, *args)
-    except (TypeError, KeyError, IndexError, AttributeError) as err:
-        raise TypeError(f"{what} failed while tracing: {type(err).__name__}: {err}. {fix}") from err
-
-
-def draw_struct(family, theta):
-    """The form of one draw of ``family`` (None if its sampler cannot be traced here)."""
-    try:
-        return jax.eval_shape(family.sample, theta, jax.random.key(0))
-    except Exception:  # noqa: BLE001 - a sampler that wants a legacy key, or none usable
-        try:
-            return jax.eval_shape(family.sample, theta, jax.random.PRNGKey(0))
-        except Exception:  # noqa: BLE001
-            return None
-
-
 def _check_common(f, family, estimator, where):
     validation.check_callable(f, "f", where)
     if not isinstance(family, Family):
@@ -90,7 +72,7 @@ class _Draws(NamedTuple):
 def _draw_form(family, theta, key, samples) -> _Draws:
     treedef = jax.tree_util.tree_structure(theta)
     if samples is not None:
-        draw = draw_struct(family, theta)
+        draw = validation.draw_struct(family, theta)
         if draw is not None:
             validation.check_samples(samples, draw)
         x_struct = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
@@ -105,7 +87,7 @@ def _draw_form(family, theta, key, samples) -> _Draws:
     if not legacy:
         typed_key = engine.counter_key(typed_key)
     user_key = jax.random.key_data(typed_key) if legacy else typed_key
-    x_struct = traced_struct(
+    x_struct = validation.traced_struct(
         family.sample, (theta, user_key), "family.sample(theta, key)",
         f"Check that it accepts theta of structure {treedef} and a PRNG key.",
     )
@@ -120,14 +102,14 @@ def _trace_user(f, family, theta, x_struct, plan, name):
         f"Check that family.log_prob(theta, x) accepts theta of structure "
         f"{jax.tree_util.tree_structure(theta)} and the draws that family.sample returns."
     )
-    lp_struct = traced_struct(family.log_prob, (theta, x_struct), "family.log_prob(theta, x)", lp_fix)
+    lp_struct = validation.traced_struct(family.log_prob, (theta, x_struct), "family.log_prob(theta, x)", lp_fix)
     validation.check_scalar_float(
         lp_struct, "family.log_prob(theta, x)",
         "It must return the log-density of ONE draw; sum over independent coordinates, e.g. "
         "`jnp.sum(logpdf(x, ...))`.",
     )
     fx_struct = x_struct if plan.f_input is None else plan.f_input(x_struct, theta)
-    f_struct = traced_struct(
+    f_struct = validation.traced_struct(
         f, (fx_struct,), "f(x)",
         "f must accept one draw x as the family samples it"
         + ("." if plan.f_input is None else f" (as {name} passes it: {fx_struct})."),
@@ -158,7 +140,7 @@ def output_shape(f, family, theta, key, estimator, where, samples=None) -> tuple
     """
     _, dr, plan = _bound(f, family, theta, key, samples, estimator, where)
     fx_struct = dr.x_struct if plan.f_input is None else plan.f_input(dr.x_struct, theta)
-    f_struct = traced_struct(f, (fx_struct,), "f(x)",
+    f_struct = validation.traced_struct(f, (fx_struct,), "f(x)",
                              "f must accept one draw x as the family samples it.")
     validation.check_float_array(f_struct, "f(x)")
     return tuple(jax.tree_util.tree_leaves(f_struct)[0].shape)
@@ -248,6 +230,12 @@ def kept_units(prob: Problem, fs: FStats):
     if prob.nan_policy == "drop":
         return jax.lax.stop_gradient(jnp.maximum(fs.units, 1.0))
     return prob.num_units
+
+
+def nan_if_none_kept(prob: Problem, fs: FStats, x):
+    """``x``, or NaN where nan_policy="drop" dropped every unit (never a zero that looks
+    exact)."""
+    return jnp.where(fs.units < 1, jnp.nan, x) if prob.nan_policy == "drop" else x
 
 
 def learn(prob: Problem, state):

@@ -309,7 +309,7 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
     """
     from jax.flatten_util import ravel_pytree
 
-    from scoregrad._src import engine, policy, problem, stats, validation
+    from scoregrad._src import engine, policy, stats, validation
     from scoregrad._src.family import Family
     from scoregrad._src.results import summarize
 
@@ -330,11 +330,11 @@ def finite_difference(f: Callable, family, theta: PyTree, key: jax.Array, *, num
     typed = typed if legacy else engine.counter_key(typed)
     user_key = jax.random.key_data(typed) if legacy else typed
     theta_def = jax.tree_util.tree_structure(theta)
-    x_struct = problem.traced_struct(
+    x_struct = validation.traced_struct(
         family.sample, (theta, user_key), "family.sample(theta, key)",
         f"Check that it accepts theta of structure {theta_def} and a PRNG key.")
-    f_struct = problem.traced_struct(f, (x_struct,), "f(x)",
-                                  "f must accept one draw x as the family samples it.")
+    f_struct = validation.traced_struct(f, (x_struct,), "f(x)",
+                                        "f must accept one draw x as the family samples it.")
     validation.check_scalar_float(
         f_struct, "f(x)", "f must return one scalar per draw; reduce it, e.g. `jnp.sum(...)`.")
     flat, unravel = ravel_pytree(theta)

@@ -55,14 +55,7 @@ def fstats_of(
     c = (jnp.where(jnp.any(finite), flat_f[jnp.argmax(finite)], 0) if per_unit.size
          else jnp.zeros((), dtype))  # the chunk's first finite f value
     d = per_unit - c
-    if not drop:
-        n = jnp.asarray(d.size, dtype)
-        dm = jnp.mean(d)
-        units = jnp.asarray(per_unit.shape[0], dtype)
-        unit_d = jnp.mean(d, axis=1)
-        return FStats(n, c + dm, jnp.sum(jnp.square(d - dm)), nonfinite, units,
-                      c + jnp.mean(d, axis=0), jnp.sum(jnp.square(unit_d - dm)))
-    kept = f_ok if ok is None else ok & f_ok
+    kept = jnp.ones_like(f_ok) if not drop else (f_ok if ok is None else ok & f_ok)
     keep = jnp.broadcast_to(kept[:, None], per_unit.shape)
     n = jnp.sum(keep).astype(dtype)
     dm = jnp.sum(jnp.where(keep, d, 0)) / jnp.maximum(n, 1)
@@ -155,6 +148,5 @@ def fold_moments(grads, ok, dtype, folds, start) -> Moments:
 def moments_of(rows: PyTree, dtype, ok: Optional[jax.Array] = None) -> Moments:
     """Mean and centred co-moments over the leading (unit) axis of leaves ``(c, K, *leaf)``;
     with ``ok``, of those units only."""
-    first = jax.tree_util.tree_leaves(rows)[0]
-    keep = jnp.ones(first.shape[:1], bool) if ok is None else ok
+    keep = jnp.ones(jax.tree_util.tree_leaves(rows)[0].shape[:1], bool) if ok is None else ok
     return masked_moments(rows, keep, dtype)

@@ -27,12 +27,7 @@ def run(prob: Problem, params, state, mode, key=None, samples=None):
     Returns ``(EngineOut, ref)``: the statistics of f are those of ``f - ref``.
     """
     prob, ref = problem.shifted(prob, params, key, samples)
-    out = engine.run(
-        prob.model, prob.est, params, state, num_units=prob.num_units,
-        chunk_units=prob.chunk, mode=mode, dtype=prob.dtype, key=key, samples=samples,
-        nan_policy="drop" if prob.nan_policy == "drop" else "propagate", devices=prob.devices,
-    )
-    return out, ref
+    return engine.run_problem(prob, params, state, mode, key=key, samples=samples), ref
 
 
 def fstats_float(fs: FStats) -> FStats:
@@ -63,9 +58,7 @@ def surrogate(prob: Problem, state) -> tuple[jax.Array, FStats]:
     def primal_out(fs: FStats, ref):
         """(value, statistics of f itself): f was centred on ``ref`` in the engine."""
         fs = problem.unshift(fs, ref)
-        value = policy.guard(fs.mean, fs)
-        if prob.nan_policy == "drop":  # every unit dropped: NaN, never a zero that looks exact
-            value = jnp.where(fs.units < 1, jnp.nan, value)
+        value = problem.nan_if_none_kept(prob, fs, policy.guard(fs.mean, fs))
         return value.astype(prob.f_dtype), fstats_float(fs)
 
     @jax.custom_jvp

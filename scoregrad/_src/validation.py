@@ -286,3 +286,39 @@ def depends_differentiably(fn: Any, args: tuple, argnum: int) -> bool | None:
         if any(id(v) in live for v in eqn.invars):
             live.update(id(v) for v in eqn.outvars)
     return any(id(v) in live for v in jaxpr.outvars)
+
+
+def traced_struct(fn: Any, args: tuple, what: str, fix: str) -> Any:
+    """``jax.eval_shape(fn, *args)``; a tracing error becomes a ``TypeError`` naming ``what``
+    and the fix."""
+    try:
+        return jax.eval_shape(fn, *args)
+    except (TypeError, KeyError, IndexError, AttributeError) as err:
+        raise TypeError(f"{what} failed while tracing: {type(err).__name__}: {err}. {fix}") from err
+
+
+def draw_struct(family: Any, theta: Any) -> Any:
+    """The form of one draw of ``family`` (None if its sampler cannot be traced here)."""
+    try:
+        return jax.eval_shape(family.sample, theta, jax.random.key(0))
+    except Exception:  # noqa: BLE001 - a sampler that wants a legacy key, or none usable
+        try:
+            return jax.eval_shape(family.sample, theta, jax.random.PRNGKey(0))
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def check_sample_leaves(samples: Any) -> int:
+    """The number of given draws: every leaf of ``samples`` has the same leading axis."""
+    leaves = jax.tree_util.tree_leaves(samples)
+    if not leaves or any(jnp.ndim(a) < 1 for a in leaves):
+        raise ValueError(
+            "`samples` must be a pytree of arrays with a leading axis of draws; got "
+            f"{type(samples).__name__}. Stack the draws, e.g. jnp.stack(draws)."
+        )
+    n = int(leaves[0].shape[0])
+    if any(a.shape[0] != n for a in leaves):
+        raise ValueError(
+            f"`samples` leaves disagree on the number of draws: {[a.shape[0] for a in leaves]}."
+        )
+    return n
