@@ -162,6 +162,13 @@ def _unit_ok(out, grads=None) -> jax.Array:
     return ok
 
 
+def _count_bad_sums(fs: FStats, sums) -> FStats:
+    """Gradients reduced over a chunk: a non-finite reduction whose f values and terms were all
+    finite (a score at a zero-density draw) counts once, as one unit at least."""
+    bad = ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(sums)]))
+    return fs._replace(nonfinite=fs.nonfinite + (bad & (fs.nonfinite == 0)).astype(jnp.int32))
+
+
 def _make_chunk(model: Model, est, params: Params, state, mode: str, dtype, drop,
                 folds=None, wrt="theta"):
     def unit(p: Params, key, x):
@@ -194,13 +201,7 @@ def _make_chunk(model: Model, est, params: Params, state, mode: str, dtype, drop
 
             total, vjp_fn, out = jax.vjp(summed, params, has_aux=True)
             rows = _rows_of_jacobian(vjp_fn, est.num_terms, total.dtype)
-            fs = fstats_of(out.fvals, dtype, jax.vmap(_unit_ok)(out))
-            # Gradients are summed over the chunk: a non-finite sum whose f values and terms
-            # were all finite (a score at a zero-density draw) counts once, as one unit at least.
-            bad_sum = ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
-                                          for g in jax.tree_util.tree_leaves(rows)]))
-            extra = (bad_sum & (fs.nonfinite == 0)).astype(jnp.int32)
-            return fs._replace(nonfinite=fs.nonfinite + extra), rows
+            return _count_bad_sums(fstats_of(out.fvals, dtype, jax.vmap(_unit_ok)(out)), rows), rows
 
         return chunk
 
@@ -238,12 +239,17 @@ def _make_chunk(model: Model, est, params: Params, state, mode: str, dtype, drop
 
     def diag_chunk(keys, xs, start):
         grads, out = jax.vmap(unit_grads)(keys, xs)  # leaves (c, K, *leaf)
-        ok = jax.vmap(_unit_ok)(out, grads)
-        fs = fstats_of(out.fvals, dtype, ok, drop)
-        keep = ok if drop else jnp.ones_like(ok)
-        if folds is not None:
-            return fs, fold_moments(grads, keep, dtype, folds, start)
-        return fs, masked_moments(grads, keep, dtype)
+        if drop:  # per unit: a unit with a non-finite gradient is left out and counted
+            ok = jax.vmap(_unit_ok)(out, grads)
+            mom = (masked_moments(grads, ok, dtype) if folds is None
+                   else fold_moments(grads, ok, dtype, folds, start))
+            return fstats_of(out.fvals, dtype, ok, True), mom
+        keep = jnp.ones(out.fvals.shape[:1], bool)
+        mom = (masked_moments(grads, keep, dtype) if folds is None
+               else fold_moments(grads, keep, dtype, folds, start))
+        # Kept units all count: a non-finite gradient makes the chunk's moments non-finite, which
+        # counts once (as "grad" mode does) without a per-unit pass over the gradients.
+        return _count_bad_sums(fstats_of(out.fvals, dtype, jax.vmap(_unit_ok)(out)), mom), mom
 
     return diag_chunk
 

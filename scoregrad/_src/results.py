@@ -29,7 +29,10 @@ class GradEstimate(NamedTuple):
       snr: pytree like theta: signal-to-noise ratio ``|grad| / stderr``.
       num_samples: evaluations of f spent.
       num_nonfinite: how many evaluations of f were NaN or infinite (their contributions make
-        ``grad`` non-finite: check this before an optimizer step).
+        ``grad`` non-finite: check this before an optimizer step), plus the units whose f was
+        finite but whose surrogate terms or gradients (e.g. the score) were not: each such unit
+        under ``nan_policy="drop"``; otherwise a chunk of units whose gradients reduce to a
+        non-finite value counts at least once (the check runs on the chunk's sums, not per unit).
       state: the estimator's new state (``()`` for stateless estimators).
       variance_reduction: pytree like theta: the variance of the estimator's term 0 alone on the
         same draws divided by ``variance`` (for score-function estimators term 0 is the plain
