@@ -155,3 +155,15 @@ def bind_public(estimator: Estimator, family, theta) -> Bound:
     x_struct = jax.eval_shape(family.sample, theta, key)
     plan = bind(estimator, Target(family, theta, x_struct, False))
     return resolve(estimator, plan, _stand_in(family, theta, False), Params(theta), x_struct, key)
+
+
+def contracted(bound: Bound, w: jax.Array) -> Bound:
+    """``bound`` with its terms contracted by the fixed weights ``w`` into one term, so one reverse
+    pass differentiates them all (weights known before the pass, e.g. from a value pass)."""
+    unit = bound.plan.unit
+
+    def weighted(model, params, draws, state):
+        out = unit(model, params, draws, state)
+        return out._replace(terms=jnp.dot(w.astype(out.terms.dtype), out.terms)[None])
+
+    return bound._replace(plan=bound.plan._replace(unit=weighted, weights=None), num_terms=1)

@@ -10,11 +10,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import engine, fitted, policy, problem
+from scoregrad._src import binding, engine, fitted, policy, problem
 from scoregrad._src.base import FStats
 from scoregrad._src.problem import Problem
 
 PyTree = Any
+# From this many weighted terms up, expectation's gradient fixes the weights by a value pass
+# first (one extra forward pass) instead of one reverse pass per term.
+PREPASS_TERMS = 8
 
 
 def check(prob: Problem, fs: FStats, where: str) -> FStats:
@@ -49,8 +52,8 @@ def surrogate(prob: Problem, state) -> tuple[jax.Array, FStats]:
     assert prob.key is not None  # expectation* always pass a key (samples=None)
     impl = jax.random.key_impl(prob.key)
 
-    def run_pass(p, kd, st, mode):
-        out, ref = run(prob, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl))
+    def run_pass(p, kd, st, mode, pr=prob):
+        out, ref = run(pr, p, st, mode, key=jax.random.wrap_key_data(kd, impl=impl))
         # The check sits on the pass's own statistics (not on the custom-JVP output), so
         # nested differentiation does not keep extra passes alive for it.
         return out._replace(fstats=check(prob, out.fstats, "expectation")), ref
@@ -81,10 +84,22 @@ def surrogate(prob: Problem, state) -> tuple[jax.Array, FStats]:
             value, fsf = primal_out(fs, ref)
             return (value, fsf), (policy.guard(tangent, fs).astype(value.dtype),
                                   jax.tree_util.tree_map(jnp.zeros_like, fsf))
-        out, ref = run_pass(params, key_data, st, "grad")
+        if est.plan.weights is not None and est.num_terms >= PREPASS_TERMS:
+            # Many weighted terms (a program's per-step baselines): K reverse passes per chunk
+            # cost K times the gradient and compile one program per term. The weights depend
+            # only on f's statistics, so a value pass over the same draws fixes them first and
+            # one reverse pass differentiates the weighted sum.
+            pre = run_pass(params, key_data, st, "value")[0].fstats
+            w = jax.lax.stop_gradient(est.weights(pre, st, problem.kept_units(prob, pre)))
+            weighted = prob._replace(est=binding.contracted(est, w))
+            out, ref = run_pass(params, key_data, st, "grad", weighted)
+            w = jnp.ones((1,), w.dtype)
+        else:
+            out, ref = run_pass(params, key_data, st, "grad")
+            w = jax.lax.stop_gradient(
+                est.weights(out.fstats, st, problem.kept_units(prob, out.fstats)))
         fs = out.fstats
         denom = problem.kept_units(prob, fs)  # with nan_policy="drop": the finite units
-        w = jax.lax.stop_gradient(est.weights(fs, st, denom))
         # Every unit dropped: NaN (the gradient is a linear map of the tangent, so the NaN must
         # sit in its coefficients, not in a select on the result), never a zero that looks exact.
         none = jnp.where(fs.units < 1, jnp.nan, 1.0) if prob.nan_policy == "drop" else 1.0
