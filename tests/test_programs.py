@@ -483,9 +483,10 @@ def test_refusals():
 @pytest.mark.parametrize("steps", [pytest.param(3, marks=pytest.mark.slow), 10])
 def test_weights_from_a_value_pass_equal_one_reverse_pass_per_term(x64, monkeypatch, steps):
     """From PREPASS_TERMS weighted terms up (per-step baselines of long programs), expectation's
-    gradient fixes the weights by a value pass and differentiates the weighted sum once (K
-    reverse passes took 91x the whole-program time and a 5-minute compile at T = 500). Both
-    routes give the same gradient and Hessian, below and above the threshold, at two chunks."""
+    gradient and estimate_grad fix the weights by a value pass and differentiate the weighted
+    sum once (K reverse passes took 91x the whole-program time and a 5-minute compile at
+    T = 500). Both routes give the same gradient, Hessian, standard errors and variance
+    reduction, below and above the threshold, at two chunks."""
     from scoregrad._src import surrogate
 
     p1, _ = sp.iterated_prisoners_dilemma(steps)
@@ -496,7 +497,10 @@ def test_weights_from_a_value_pass_equal_one_reverse_pass_per_term(x64, monkeypa
     def derivatives(chunk):
         v = lambda t: sg.expectation(p1.f, p1.family, t, jax.random.key(5),  # noqa: E731
                                      num_samples=48, estimator=est, chunk_size=chunk)
-        return jax.grad(v)(th), jax.hessian(v)(th)["agent1"]["agent2"]
+        r = sg.estimate_grad(p1.f, p1.family, th, jax.random.key(5), num_samples=48,
+                             estimator=est, chunk_size=chunk)
+        return (jax.grad(v)(th), jax.hessian(v)(th)["agent1"]["agent2"], r.grad, r.stderr,
+                r.variance_reduction, r.value_stderr)
 
     out = {}
     for route, threshold in (("per term", 10**6), ("value pass", 1)):

@@ -9,7 +9,17 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from scoregrad._src import chains, fitted, policy, problem, stats, surrogate, validation, vector
+from scoregrad._src import (
+    binding,
+    chains,
+    fitted,
+    policy,
+    problem,
+    stats,
+    surrogate,
+    validation,
+    vector,
+)
 from scoregrad._src.base import Estimator
 from scoregrad._src.family import Family
 from scoregrad._src.problem import Problem
@@ -55,10 +65,7 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
                         else (prob, jnp.zeros((), prob.dtype)))
         grad, var, stderr, fs, mom = fitted.estimate(shifted, state, samples)
     else:
-        out, ref = surrogate.run(prob, prob.params, state, "diag", key=prob.key, samples=samples)
-        fs, mom = out.fstats, out.moments
-        assert mom is not None  # mode "diag"
-        w = jax.lax.stop_gradient(est.weights(fs, state, problem.kept_units(prob, fs)))
+        est, fs, mom, ref, w = _diag(prob, state, samples)
         grad = jax.tree_util.tree_map(lambda m: jnp.tensordot(w.astype(m.dtype), m, axes=1),
                                       mom.mean)
         var = jax.tree_util.tree_map(
@@ -69,6 +76,7 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
     plain = jax.tree_util.tree_map(
         lambda c: per_unit_variance(stats.term0_comoment(c, ref, est.shift_term), mom.count),
         mom.comoment)
+    est = prob.est
     fs = problem.unshift(fs, ref)
     grad = policy.guard_tree(grad, fs)
     grad = jax.tree_util.tree_map(lambda g: problem.nan_if_none_kept(prob, fs, g), grad)
@@ -81,6 +89,28 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
         stderr=None if stderr is None else policy.guard_tree(stderr, fs),
     )
     return res if value_se is None else res._replace(value_stderr=value_se)
+
+
+def _diag(prob: Problem, state, samples):
+    """Mode "diag" and the terms' weights: ``(bound run, FStats, moments, ref, weights)``. With
+    many weighted terms (a program's per-step baselines) a value pass over the same draws fixes
+    the weights first, and the per-unit rows are term 0 (and the shift term) and the weighted
+    sum, not one row per term."""
+    est, w = prob.est, None
+    if est.plan.weights is not None and est.num_terms >= surrogate.PREPASS_TERMS:
+        pre = surrogate.run(prob, prob.params, state, "value", key=prob.key, samples=samples)[0]
+        fixed = jax.lax.stop_gradient(est.weights(pre.fstats, state,
+                                                  problem.kept_units(prob, pre.fstats)))
+        keep = (0,) if est.shift_term is None else (0, est.shift_term)
+        est = binding.contracted(est, fixed, keep)
+        w = jnp.zeros((len(keep) + 1,), fixed.dtype).at[-1].set(1)  # the weighted sum alone
+    out, ref = surrogate.run(prob._replace(est=est), prob.params, state, "diag", key=prob.key,
+                             samples=samples)
+    assert out.moments is not None  # mode "diag"
+    if w is None:
+        w = jax.lax.stop_gradient(est.weights(out.fstats, state,
+                                              problem.kept_units(prob, out.fstats)))
+    return est, out.fstats, out.moments, ref, w
 
 
 def _value_with_gradient(value, grad, prob: Problem):

@@ -157,13 +157,18 @@ def bind_public(estimator: Estimator, family, theta) -> Bound:
     return resolve(estimator, plan, _stand_in(family, theta, False), Params(theta), x_struct, key)
 
 
-def contracted(bound: Bound, w: jax.Array) -> Bound:
-    """``bound`` with its terms contracted by the fixed weights ``w`` into one term, so one reverse
-    pass differentiates them all (weights known before the pass, e.g. from a value pass)."""
+def contracted(bound: Bound, w: jax.Array, keep: tuple = ()) -> Bound:
+    """``bound`` with its terms contracted by the fixed weights ``w`` into one last term, after
+    the terms ``keep`` (for diagnostics), so one reverse pass differentiates them all (weights
+    known before the pass, e.g. from a value pass over the same draws)."""
     unit = bound.plan.unit
 
     def weighted(model, params, draws, state):
         out = unit(model, params, draws, state)
-        return out._replace(terms=jnp.dot(w.astype(out.terms.dtype), out.terms)[None])
+        t = out.terms
+        return out._replace(terms=jnp.concatenate([t[jnp.asarray(keep, jnp.int32)],
+                                                   jnp.dot(w.astype(t.dtype), t)[None]]))
 
-    return bound._replace(plan=bound.plan._replace(unit=weighted, weights=None), num_terms=1)
+    plan = bound.plan._replace(unit=weighted, weights=None,
+                               shift_term=1 if bound.shift_term is not None and keep else None)
+    return bound._replace(plan=plan, num_terms=len(keep) + 1)
