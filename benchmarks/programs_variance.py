@@ -4,8 +4,10 @@ For each length T, 1,024 games between two memory-one agents (theta fixed, drawn
 key 0): the per-game variance of each coordinate of dV1/dtheta under causal credit
 (``program.estimator()``, reward-to-go) and under whole-program REINFORCE
 (``sg.score_function()``) on the SAME games (one key, common random numbers), their ratio, and
-the time per estimate of ``jax.grad`` of ``sg.expectation`` (jit, warmed up,
-``block_until_ready``, median of 3). Writes benchmarks/results/programs_variance.md.
+causal credit with per-step leave-one-out baselines beside them, and the time per estimate of
+``jax.grad`` of ``sg.expectation`` and of ``sg.estimate_grad`` (jit, warmed up,
+``block_until_ready``, median of 7 interleaved calls). Writes
+benchmarks/results/programs_variance.md.
 
     python benchmarks/programs_variance.py            # T = 10, 50, 150, 500 (about 1 minute)
     python benchmarks/programs_variance.py --T 150    # the headline case only
@@ -36,29 +38,43 @@ def _theta():
             "agent2": 0.5 * jax.random.normal(k2, (5,))}
 
 
-def _median_time(fn, *args, reps=3):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def _interleaved_medians(fns: dict, *args, reps=7) -> dict:
+    """Median seconds per call of each jitted function, calls interleaved so that machine noise
+    hits all alike (compile and warm-up first)."""
+    for fn in fns.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+ESTIMATORS = ("causal", "causal + leave-one-out", "whole")
 
 
 def run(t: int, discount: float):
+    """Per estimator: (per-game variance per coordinate, seconds per jax.grad of expectation,
+    seconds per estimate_grad, V1)."""
     p1, _ = sp.iterated_prisoners_dilemma(t, discount=discount)
     theta, key = _theta(), jax.random.key(1)
-    rows = {}
-    for label, est in (("causal", p1.estimator()), ("whole", sg.score_function())):
+    ests = dict(zip(ESTIMATORS, (p1.estimator(), p1.estimator(sp.leave_one_out()),
+                                 sg.score_function())))
+    fns, results = {}, {}
+    for label, est in ests.items():
         est_fn = jax.jit(lambda th, k, est=est: sg.estimate_grad(
             p1.f, p1.family, th, k, num_samples=N, estimator=est))
-        r = est_fn(theta, key)
-        var = np.concatenate([np.asarray(r.variance["agent1"]),
-                              np.asarray(r.variance["agent2"])])
-        grad_fn = jax.jit(jax.grad(lambda th, k, est=est: sg.expectation(
+        results[label] = est_fn(theta, key)
+        fns[("est", label)] = est_fn
+        fns[("grad", label)] = jax.jit(jax.grad(lambda th, k, est=est: sg.expectation(
             p1.f, p1.family, th, k, num_samples=N, estimator=est)))
-        rows[label] = (var, _median_time(grad_fn, theta, key), float(r.value))
+    med = _interleaved_medians(fns, theta, key)
+    rows = {}
+    for label, r in results.items():
+        var = np.concatenate([np.asarray(r.variance["agent1"]), np.asarray(r.variance["agent2"])])
+        rows[label] = (var, med[("grad", label)], med[("est", label)], float(r.value))
     return rows
 
 
@@ -87,25 +103,29 @@ def main():
         f"{N} games per estimate, discount {args.discount}, theta fixed (key 0, scale 0.5). "
         "Variance: per game, of each coordinate of dV1/dtheta (agent 1's expected discounted "
         "cost; coordinates: each agent's five memory-one logits, state 0 = first step), both "
-        "estimators on the same games. Time: jitted `jax.grad` of `sg.expectation`, median of "
-        "3 after warm-up.",
+        "estimators on the same games. Time: jitted `jax.grad` of `sg.expectation` and "
+        "`sg.estimate_grad`, median of 7 interleaved calls after warm-up.",
         "",
     ]
     for t in args.T:
         rows = run(t, args.discount)
-        vc, tc, value = rows["causal"]
-        vw, tw, _ = rows["whole"]
-        ratio = vw / vc
-        print(f"T={t}: value {value:.3f}; variance ratio whole/causal per coordinate "
-              + " ".join(f"{r:.1f}" for r in ratio)
-              + f"; time causal {tc * 1e3:.1f} ms, whole {tw * 1e3:.1f} ms ({tc / tw:.2f}x)")
-        lines += [f"## T = {t}", "",
-                  f"V1 = {value:.3f}; time per gradient: causal {tc * 1e3:.1f} ms, whole "
-                  f"program {tw * 1e3:.1f} ms ({tc / tw:.2f}x).", "",
-                  "| coordinate | var causal | var whole | whole / causal |",
-                  "|---|---:|---:|---:|"]
-        lines += [f"| {n} | {a:.4g} | {b:.4g} | {r:.1f} |"
-                  for n, a, b, r in zip(names, vc, vw, ratio)]
+        vw, tw, ew, value = rows["whole"]
+        print(f"T={t}: value {value:.3f}; " + "; ".join(
+            f"{lab}: variance whole/this {np.min(vw / rows[lab][0]):.1f}-"
+            f"{np.max(vw / rows[lab][0]):.1f}, grad {rows[lab][1] * 1e3:.1f} ms "
+            f"({rows[lab][1] / tw:.2f}x), estimate_grad {rows[lab][2] * 1e3:.1f} ms "
+            f"({rows[lab][2] / ew:.2f}x)" for lab in ESTIMATORS))
+        lines += [f"## T = {t}", "", f"V1 = {value:.3f}.", "",
+                  "| estimator | time per `jax.grad` of `expectation` | × whole | time per "
+                  "`estimate_grad` | × whole |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {lab} | {rows[lab][1] * 1e3:.1f} ms | {rows[lab][1] / tw:.2f} | "
+                  f"{rows[lab][2] * 1e3:.1f} ms | {rows[lab][2] / ew:.2f} |" for lab in ESTIMATORS]
+        lines += ["", "| coordinate | " + " | ".join(f"var {lab}" for lab in ESTIMATORS)
+                  + " | whole / causal | whole / causal + LOO |",
+                  "|---|" + "---:|" * (len(ESTIMATORS) + 2)]
+        vc, vl = rows["causal"][0], rows["causal + leave-one-out"][0]
+        lines += [f"| {n} | {a:.4g} | {b:.4g} | {c:.4g} | {c / a:.1f} | {c / b:.1f} |"
+                  for n, a, b, c in zip(names, vc, vl, vw)]
         lines.append("")
     if not args.no_write:
         os.makedirs(os.path.dirname(OUT), exist_ok=True)
