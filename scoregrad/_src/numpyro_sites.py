@@ -51,7 +51,8 @@ def leave_one_out() -> SiteBaseline:
     Site ``s`` of program ``i`` gets :math:`b_{s,i} = \frac{N \bar G_s - G_{s,i}}{N-1}`, the
     mean downstream cost of the other :math:`N - 1` programs of the estimate, written as
     ``S + 1`` extra terms whose weights come from the batch means :math:`\bar G_s` (one chunked
-    pass; the engine takes one reverse pass per term). Independent of program i: unbiased at
+    pass; with 8 or more terms the engine fixes their weights by a value pass and takes one
+    reverse pass for their sum, else one per term). Independent of program i: unbiased at
     every derivative order. Needs ``num_samples >= 2``. The engine then sees ``S + 1`` f values
     per program (their mean is the program's integrand), so ``value_stderr`` is over those.
     """
