@@ -53,7 +53,7 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
     """Run in mode "diag" (per-unit gradients to moments) and summarize, cross-fitted or not;
     with ``batches``, standard errors from batch means (correlated draws, :mod:`chains`)."""
     prob = _closures_not_differentiable(prob, where)
-    est = prob.est
+    est = run_est = prob.est  # run_est: the bound estimator the engine ran (its term layout)
     value_se = None
     if batches is not None:
         shifted, ref = problem.shifted(prob, prob.params, None, samples)
@@ -65,7 +65,7 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
                         else (prob, jnp.zeros((), prob.dtype)))
         grad, var, stderr, fs, mom = fitted.estimate(shifted, state, samples)
     else:
-        est, fs, mom, ref, w = _diag(prob, state, samples)
+        run_est, fs, mom, ref, w = _diag(prob, state, samples)
         grad = jax.tree_util.tree_map(lambda m: jnp.tensordot(w.astype(m.dtype), m, axes=1),
                                       mom.mean)
         var = jax.tree_util.tree_map(
@@ -74,9 +74,8 @@ def _estimate(prob: Problem, state, where: str, samples=None, batches=None) -> G
         stderr = None
     fs = surrogate.check(prob, fs, where)
     plain = jax.tree_util.tree_map(
-        lambda c: per_unit_variance(stats.term0_comoment(c, ref, est.shift_term), mom.count),
+        lambda c: per_unit_variance(stats.term0_comoment(c, ref, run_est.shift_term), mom.count),
         mom.comoment)
-    est = prob.est
     fs = problem.unshift(fs, ref)
     grad = policy.guard_tree(grad, fs)
     grad = jax.tree_util.tree_map(lambda g: problem.nan_if_none_kept(prob, fs, g), grad)
@@ -97,10 +96,8 @@ def _diag(prob: Problem, state, samples):
     the weights first, and the per-unit rows are term 0 (and the shift term) and the weighted
     sum, not one row per term."""
     est, w = prob.est, None
-    if est.plan.weights is not None and est.num_terms >= surrogate.PREPASS_TERMS:
-        pre = surrogate.run(prob, prob.params, state, "value", key=prob.key, samples=samples)[0]
-        fixed = jax.lax.stop_gradient(est.weights(pre.fstats, state,
-                                                  problem.kept_units(prob, pre.fstats)))
+    fixed = surrogate.prepass_weights(prob, prob.params, state, key=prob.key, samples=samples)
+    if fixed is not None:
         keep = (0,) if est.shift_term is None else (0, est.shift_term)
         est = binding.contracted(est, fixed, keep)
         w = jnp.zeros((len(keep) + 1,), fixed.dtype).at[-1].set(1)  # the weighted sum alone

@@ -20,6 +20,17 @@ PyTree = Any
 PREPASS_TERMS = 8
 
 
+def prepass_weights(prob: Problem, params, state, key=None, samples=None):
+    """The terms' weights fixed by a value pass over the same draws, for an estimator with
+    ``PREPASS_TERMS`` or more weighted terms (one reverse pass for their sum then replaces one
+    per term); ``None`` for the others."""
+    est = prob.est
+    if est.plan.weights is None or est.num_terms < PREPASS_TERMS:
+        return None
+    pre = run(prob, params, state, "value", key=key, samples=samples)[0].fstats
+    return jax.lax.stop_gradient(est.weights(pre, state, problem.kept_units(prob, pre)))
+
+
 def check(prob: Problem, fs: FStats, where: str) -> FStats:
     return policy.check_nonfinite(prob.policy, fs, where)
 
@@ -84,16 +95,14 @@ def surrogate(prob: Problem, state) -> tuple[jax.Array, FStats]:
             value, fsf = primal_out(fs, ref)
             return (value, fsf), (policy.guard(tangent, fs).astype(value.dtype),
                                   jax.tree_util.tree_map(jnp.zeros_like, fsf))
-        if est.plan.weights is not None and est.num_terms >= PREPASS_TERMS:
+        fixed = prepass_weights(prob, params, st, key=jax.random.wrap_key_data(key_data, impl=impl))
+        if fixed is not None:
             # Many weighted terms (a program's per-step baselines): K reverse passes per chunk
-            # cost K times the gradient and compile one program per term. The weights depend
-            # only on f's statistics, so a value pass over the same draws fixes them first and
-            # one reverse pass differentiates the weighted sum.
-            pre = run_pass(params, key_data, st, "value")[0].fstats
-            w = jax.lax.stop_gradient(est.weights(pre, st, problem.kept_units(prob, pre)))
-            weighted = prob._replace(est=binding.contracted(est, w))
+            # cost K times the gradient and compile one program per term; the weights depend
+            # only on f's statistics, fixed here by a value pass over the same draws.
+            weighted = prob._replace(est=binding.contracted(est, fixed))
             out, ref = run_pass(params, key_data, st, "grad", weighted)
-            w = jnp.ones((1,), w.dtype)
+            w = jnp.ones((1,), fixed.dtype)
         else:
             out, ref = run_pass(params, key_data, st, "grad")
             w = jax.lax.stop_gradient(
