@@ -23,6 +23,7 @@ import numpy as np
 from scoregrad._src.base import Draws, FStats, Model, Params
 from scoregrad._src.stats import (
     Moments,
+    fold_fstats,
     fold_moments,
     fstats_of,
     is_float,
@@ -64,6 +65,7 @@ class EngineOut(NamedTuple):
     fstats: FStats
     grad_sums: Optional[PyTree]  # "grad": leaves (K, *leaf) summed over units
     moments: Optional[Moments]  # "diag"
+    fold_fstats: Optional[FStats] = None  # "diag" with folds: f's statistics per fold
 
 
 def counter_key(key: jax.Array) -> jax.Array:
@@ -239,17 +241,17 @@ def _make_chunk(model: Model, est, params: Params, state, mode: str, dtype, drop
 
     def diag_chunk(keys, xs, start):
         grads, out = jax.vmap(unit_grads)(keys, xs)  # leaves (c, K, *leaf)
-        if drop:  # per unit: a unit with a non-finite gradient is left out and counted
-            ok = jax.vmap(_unit_ok)(out, grads)
-            mom = (masked_moments(grads, ok, dtype) if folds is None
-                   else fold_moments(grads, ok, dtype, folds, start))
+        # drop: per unit, a unit with a non-finite gradient is left out and counted
+        ok = jax.vmap(_unit_ok)(out, grads) if drop else jnp.ones(out.fvals.shape[:1], bool)
+        mom = (masked_moments(grads, ok, dtype) if folds is None
+               else (fold_moments(grads, ok, dtype, folds, start),
+                     fold_fstats(out.fvals, ok, dtype, folds, start)))
+        if drop:
             return fstats_of(out.fvals, dtype, ok, True), mom
-        keep = jnp.ones(out.fvals.shape[:1], bool)
-        mom = (masked_moments(grads, keep, dtype) if folds is None
-               else fold_moments(grads, keep, dtype, folds, start))
         # Kept units all count: a non-finite gradient makes the chunk's moments non-finite, which
         # counts once (as "grad" mode does) without a per-unit pass over the gradients.
-        return _count_bad_sums(fstats_of(out.fvals, dtype, jax.vmap(_unit_ok)(out)), mom), mom
+        fs = fstats_of(out.fvals, dtype, jax.vmap(_unit_ok)(out))
+        return _count_bad_sums(fs, mom if folds is None else mom[0]), mom
 
     return diag_chunk
 
@@ -262,7 +264,8 @@ def merge(mode: str, acc, new, folds: Optional[tuple] = None):
     if mode == "grad":
         extra = jax.tree_util.tree_map(jnp.add, extra_a, extra_b)
     elif mode == "diag" and folds is not None:
-        extra = jax.vmap(merge_moments)(extra_a, extra_b)
+        extra = (jax.vmap(merge_moments)(extra_a[0], extra_b[0]),
+                 jax.vmap(merge_fstats)(extra_a[1], extra_b[1]))
     elif mode == "diag":
         extra = merge_moments(extra_a, extra_b)
     else:
@@ -395,6 +398,8 @@ def run(
     )
     if mode == "grad":
         return EngineOut(fstats, extra, None)
+    if mode == "diag" and folds is not None:
+        return EngineOut(fstats, None, *extra)
     if mode == "diag":
         return EngineOut(fstats, None, extra)
     return EngineOut(fstats, None, None)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from scoregrad._src import engine, stats
+from scoregrad._src.base import FStats
 from scoregrad._src.binding import Bound as Estimator
 
 PyTree = Any
@@ -50,6 +51,13 @@ def bounds(num_units: int, folds: int) -> tuple:
 
 def _fold(mom: stats.Moments, a: int) -> stats.Moments:
     return jax.tree_util.tree_map(lambda x: x[a], mom)
+
+
+def _merge_fstats(fss: list) -> FStats:
+    acc = fss[0]
+    for f in fss[1:]:
+        acc = stats.merge_fstats(acc, f)
+    return acc
 
 
 def _merge_folds(moms: list) -> stats.Moments:
@@ -73,34 +81,62 @@ def coefficients(est: Estimator, base_w: jax.Array, comoment: jax.Array, floor=0
     cm = jnp.moveaxis(comoment, (0, 1), (-2, -1))
     stt = cm[..., t_idx, :][..., :, t_idx]
     sta = jnp.einsum("...tk,k->...t", cm[..., t_idx, :], wr.astype(cm.dtype))
-    scale = jnp.trace(stt, axis1=-2, axis2=-1)[..., None, None] / len(t_idx)
     eye = jnp.broadcast_to(jnp.eye(len(t_idx), dtype=cm.dtype), stt.shape)
-    ridge = stt + (1e-10 * scale + floor + jnp.finfo(cm.dtype).tiny) * eye
+    # A ridge relative to each fitted term's own variance (terms differ in scale by orders of
+    # magnitude: a baseline's score and a control variate's h times the score): 1e-10, or a few
+    # ulps where that is below the dtype's resolution (float32: collinear fitted terms, e.g. a
+    # control variate affine in the baseline's feature, would otherwise be solved to rounding).
+    rel = max(1e-10, 8 * float(jnp.finfo(cm.dtype).eps))
+    ridge = stt + eye * (rel * jnp.diagonal(stt, axis1=-2, axis2=-1)[..., None, :] + floor
+                         + jnp.finfo(cm.dtype).tiny)
     coef = -jnp.linalg.solve(ridge, sta[..., None])[..., 0]
     coef = jnp.where(jnp.isfinite(coef), coef, 0.0)
     w = jnp.broadcast_to(wr.astype(cm.dtype), cm.shape[:-1])
     return w.at[..., jnp.asarray(t_idx)].set(coef)
 
 
-def _combine(est, fs_all, mom, state, num_units):
+def _plus_last(w, v):
+    """``w`` (``(*leaf, K)``) plus ``v`` (``(K,)``) on its last axis."""
+    return w + v.astype(w.dtype).reshape((1,) * (w.ndim - 1) + v.shape)
+
+
+def _batch_weights(est, fs: FStats, state):
+    """The unfitted terms' batch weights (leave-one-out, batch mean) from ``fs``'s units."""
+    return jax.lax.stop_gradient(est.weights(fs, state, jnp.maximum(fs.units, 1.0)))
+
+
+def _combine(est, fs_all: FStats, mom, fold_fs: FStats, state):
     """Cross-fitted grad and variance per leaf, and the moments merged over folds.
 
-    ``mom`` has a leading fold axis; fold ``a`` uses coefficients fitted on the other folds.
+    ``mom`` and ``fold_fs`` have a leading fold axis. Fold ``a`` uses coefficients fitted on the
+    other folds with the other folds' own batch weights (a leave-one-out baseline's mean of f)
+    for the fit's target: with the whole batch's weights the fit would see fold ``a``'s f values
+    through them, and the estimate would not be unbiased (a control variate h = f over
+    leave-one-out gave N/(N-1) times the gradient, with zero variance). The unfitted terms keep
+    the whole batch's weights: summed over folds they are the inner estimator itself.
     """
     folds = [_fold(mom, a) for a in range(est.num_folds)]
+    ffs = [jax.tree_util.tree_map(lambda x, a=a: x[a], fold_fs) for a in range(est.num_folds)]
     kept = sum(m.count for m in folds)  # all units, or the finite ones under nan_policy="drop"
-    base_w = jax.lax.stop_gradient(est.weights(fs_all, state, num_units))
     grads, var_sums = None, None
     t_idx = list(est.fitted)
+    unfitted = jnp.ones((est.num_terms,)).at[jnp.asarray(t_idx)].set(0.0)
+    base_w = _batch_weights(est, fs_all, state)
     for a, fm in enumerate(folds):
         others = _merge_folds([m for b, m in enumerate(folds) if b != a])
-        # A ridge relative to the largest fitted-term variance over all coordinates.
+        w_others = _batch_weights(
+            est, _merge_fstats([f for b, f in enumerate(ffs) if b != a]), state)
+        shift = (base_w - w_others) * unfitted.astype(w_others.dtype)
+        # A ridge relative to the largest term variance over all coordinates: fitted terms
+        # that are zero up to rounding (a control variate centred on its exact mean where it
+        # is constant) must not get coefficients fitted to rounding noise.
         floor = 1e-12 * jnp.max(jnp.stack([
-            jnp.max(jnp.stack([c[t, t] for t in t_idx]))
+            jnp.max(jnp.diagonal(c, axis1=0, axis2=1))
             for c in jax.tree_util.tree_leaves(others.comoment)
         ]))
-        w_a = jax.tree_util.tree_map(
-            lambda c: jax.lax.stop_gradient(coefficients(est, base_w, c, floor)), others.comoment
+        w_a = jax.tree_util.tree_map(  # the fit on the others, this fold's batch weights
+            lambda c: jax.lax.stop_gradient(_plus_last(coefficients(est, w_others, c, floor),
+                                                       shift)), others.comoment
         )
         frac = fm.count / jnp.maximum(kept, 1)
         n_a = jnp.maximum(fm.count, 1)
@@ -138,7 +174,7 @@ def estimate(prep, state, samples=None):
     :func:`scoregrad.estimate_grad` with a cross-fitted estimator."""
     out = _run(prep, prep.params, state, prep.key, samples, "theta")
     assert out.moments is not None  # mode "diag"
-    grad, est_var, mom = _combine(prep.est, out.fstats, out.moments, state, prep.num_units)
+    grad, est_var, mom = _combine(prep.est, out.fstats, out.moments, out.fold_fstats, state)
     u = mom.count
     var = jax.tree_util.tree_map(lambda v: v * u.astype(v.dtype), est_var)
     stderr = jax.tree_util.tree_map(jnp.sqrt, est_var)
@@ -149,7 +185,7 @@ def jvp(prep, params, key, state, dparams):
     """``(FStats, <gradient, dparams>)`` for the custom JVP of :func:`scoregrad.expectation`."""
     out = _run(prep, params, state, key, None, "params")
     assert out.moments is not None  # mode "diag"
-    grads, _, _ = _combine(prep.est, out.fstats, out.moments, state, prep.num_units)
+    grads, _, _ = _combine(prep.est, out.fstats, out.moments, out.fold_fstats, state)
     flat = jax.tree_util.tree_leaves(params)
     tangents = jax.tree_util.tree_leaves(dparams)
     idx = [i for i, leaf in enumerate(flat) if stats.is_float(leaf)]

@@ -145,6 +145,15 @@ def fold_moments(grads, ok, dtype, folds, start) -> Moments:
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per)
 
 
+def fold_fstats(fvals, ok, dtype, folds, start) -> FStats:
+    """Per-fold statistics of f over each fold's (ok) units, stacked on a leading fold axis:
+    a fold's own batch weights (cross-fitting, :mod:`scoregrad._src.fitted`)."""
+    idx = jnp.asarray(start, jnp.int32) + jnp.arange(ok.shape[0], dtype=jnp.int32)
+    fold = sum((idx >= b).astype(jnp.int32) for b in folds[1:-1])
+    per = [fstats_of(fvals, dtype, ok & (fold == a), True) for a in range(len(folds) - 1)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per)
+
+
 def moments_of(rows: PyTree, dtype, ok: Optional[jax.Array] = None) -> Moments:
     """Mean and centred co-moments over the leading (unit) axis of leaves ``(c, K, *leaf)``;
     with ``ok``, of those units only."""
