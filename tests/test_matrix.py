@@ -185,10 +185,11 @@ def test_contract_cell(name, pname):
     # float32 rounding relative to the vector's scale; cross-fitted coefficients (a ratio of
     # co-moments per coordinate) amplify the summation-order differences of their moments.
     scale = max(float(np.max(np.abs(x))) for x in _leaves(full[:2])) + 1e-12
-    loose = bool(getattr(est, "fitted", ()))
+    loose = bool(_b(est, problem).fitted)
     _close(chunked[:2], full[:2], rtol=1e-3 if loose else 1e-4,
            atol=(1e-4 if loose else 2e-5) * scale, what="chunk_size=units-1 vs automatic")
-    _close(chunked[2], full[2], rtol=1e-4, atol=1e-5, what="stderr, chunk_size=units-1")
+    _close(chunked[2], full[2], rtol=1e-3 if loose else 1e-4, atol=1e-5,
+           what="stderr, chunk_size=units-1")
     _close(grad, full[1], rtol=1e-4, atol=1e-6, what="grad of expectation vs estimate_grad")
 
 
@@ -211,11 +212,14 @@ def test_jit_equals_eager_and_vmap_over_keys(name):
 
     batched = jax.jit(jax.vmap(grads))(keys)
     jitted = jax.jit(grads)
+    # cross-fitted coefficients (ratios of co-moments) amplify float32 rounding differences
+    # between differently fused programs
+    tol = 1e-3 if _b(est, problem).fitted else 1e-5
     for i in range(3):
         one = jitted(keys[i])
-        _close(jax.tree_util.tree_map(lambda a, i=i: a[i], batched), one, rtol=1e-5,
+        _close(jax.tree_util.tree_map(lambda a, i=i: a[i], batched), one, rtol=tol,
                what="vmap over keys vs one key at a time")
-    _close(grads(keys[0]), jitted(keys[0]), rtol=1e-5, what="eager vs jit")
+    _close(grads(keys[0]), jitted(keys[0]), rtol=tol, what="eager vs jit")
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,6 +314,9 @@ def theta_dtype(theta):
 
 
 FAST_STAT = ("arm", "measure_valued")
+# Evaluations of f per replicate for the 5-SE checks: 64, more where 64 leaves the check without
+# power (ARSM on categorical_k10: SE up to 1.7x the bound at 64).
+STAT_BUDGET = {"arsm": 256}
 
 
 @pytest.mark.statistical
@@ -322,7 +329,8 @@ def test_unbiased_by_replicates(x64, name):
     entry = ENTRIES[name]
     problem = P.get_problem(_home(entry))
     est = entry.factory(problem)
-    n = usable_budget(64, _b(est, problem).draws_per_unit, _b(est, problem).min_units)
+    n = usable_budget(STAT_BUDGET.get(name, 64), _b(est, problem).draws_per_unit,
+                      _b(est, problem).min_units)
     g = _replicate_grads(est, problem, _theta(problem, jnp.float64), n, jax.random.key(11))
     exact = P.flat(problem.exact_grad)
     mean, se = su.replicate_stats(g)
@@ -442,16 +450,18 @@ def test_design_same_expectation(x64, wname, name):
     problem = P.get_problem(WRAPPED_HOME[name])
     inner, est, why = _wrapped_outcome(wrapper, name, problem)
     if est is None:
-        return  # refused: test_wrapper_right_or_refused checks the message
+        return  # refused: test_wrapper_refusal_names_the_estimator checks the message
     theta = _theta(problem, jnp.float64)
-    n = usable_budget(64, _b(est, problem).draws_per_unit, _b(est, problem).min_units)
+    n = usable_budget(STAT_BUDGET.get(name, 64), _b(est, problem).draws_per_unit,
+                      _b(est, problem).min_units)
     g = _replicate_grads(est, problem, theta, n, jax.random.key(21))
     mean, se = su.replicate_stats(g)
     unbiased = ENTRIES[name].unbiased if name in ENTRIES else name != "score_function+batch_mean"
     if unbiased:
         truth, se_truth = P.flat(problem.exact_grad), 0.0
     else:
-        n_in = usable_budget(64, _b(inner, problem).draws_per_unit, _b(inner, problem).min_units)
+        n_in = usable_budget(STAT_BUDGET.get(name, 64), _b(inner, problem).draws_per_unit,
+                             _b(inner, problem).min_units)
         truth, se_truth = su.replicate_stats(
             _replicate_grads(inner, problem, theta, n_in, jax.random.key(22)))
     se_all = np.sqrt(se**2 + se_truth**2)
@@ -622,7 +632,7 @@ for e in R.ESTIMATORS:
     b = sg.bind(est, p.family, p.theta)
     n = usable_budget(8 * b.draws_per_unit, b.draws_per_unit, max(b.min_units, 8))
     th = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), p.theta)
-    state = est.init(th) if stateful(est) else None
+    state = est.init(th) if b.stateful else None
     def run(dev):
         return sg.estimate_grad(p.f, p.family, th, jax.random.key(9), num_samples=n,
                                 estimator=est, state=state, devices=dev)
@@ -656,7 +666,9 @@ def test_one_vs_four_host_devices():
         one = P.flat(jax.jit(lambda th, est=est, p=problem, s=state: sg.estimate_grad(
             p.f, p.family, th, jax.random.key(9), num_samples=row["n"], estimator=est,
             state=s).grad)(theta))
-        if not np.allclose(one, row["one"], rtol=1e-5, atol=1e-6):
+        # cross-fitted coefficients amplify float32 rounding between differently built programs
+        tol = 1e-3 if _b(est, problem).fitted else 1e-5
+        if not np.allclose(one, row["one"], rtol=tol, atol=1e-6):
             bad.append(f"{e.name}: 1-device process {one} vs devices=None in the 4-device "
                        f"process {row['one']}")
         if "refused" in row:
@@ -665,7 +677,7 @@ def test_one_vs_four_host_devices():
             continue
         if not row["sharded"]:
             bad.append(f"{e.name}: devices='all' accepted but no shard_map in the program")
-        if not np.allclose(one, row["all"], rtol=1e-4, atol=1e-6):
+        if not np.allclose(one, row["all"], rtol=max(tol, 1e-4), atol=1e-6):
             bad.append(f"{e.name}: 1 device {one} vs 4 devices {row['all']}")
     assert not bad, "\n".join(bad)
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scoregrad._src import engine, stats
 from scoregrad._src.base import FStats
@@ -86,7 +87,7 @@ def coefficients(est: Estimator, base_w: jax.Array, comoment: jax.Array, floor=0
     # magnitude: a baseline's score and a control variate's h times the score): 1e-10, or a few
     # ulps where that is below the dtype's resolution (float32: collinear fitted terms, e.g. a
     # control variate affine in the baseline's feature, would otherwise be solved to rounding).
-    rel = max(1e-10, 8 * float(jnp.finfo(cm.dtype).eps))
+    rel = max(1e-10, float(np.sqrt(np.finfo(cm.dtype).eps)))
     ridge = stt + eye * (rel * jnp.diagonal(stt, axis1=-2, axis2=-1)[..., None, :] + floor
                          + jnp.finfo(cm.dtype).tiny)
     coef = -jnp.linalg.solve(ridge, sta[..., None])[..., 0]
