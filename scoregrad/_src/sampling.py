@@ -68,18 +68,46 @@ def halton(key: jax.Array, index: jax.Array, dim: int, dtype=jnp.float32) -> jax
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"halton(dim=...) must be a positive int; got {dim!r}.")
     idx = jnp.asarray(index).astype(jnp.uint32)
+    flat = idx.reshape(-1)
+    primes = _primes(dim).tolist()
+    ndig = [int(math.ceil(32 * math.log(2) / math.log(b))) for b in primes]
+    cols: list = [None] * dim
+    # Coordinates are scrambled in groups of bases up to 8, 32, 128, 512, ... (padded to the
+    # group's largest base and digit count), their digits in a fori_loop: the program has a few
+    # groups (5 at D = 100), not D x digits gathers (unrolled, it compiled for minutes at
+    # D = 100). Digits past a base's own count add less than its finest cell.
+    bucket = [0 if b <= 8 else math.ceil((math.log2(b) - 3) / 2) for b in primes]
+    for g in sorted(set(bucket)):
+        js = [j for j in range(dim) if bucket[j] == g]
+        nd = max(ndig[j] for j in js)
+        for j, col in zip(js, _halton_group(key, flat, js, [primes[j] for j in js], nd, dtype).T):
+            cols[j] = col
+    return jnp.stack(cols, axis=-1).reshape(idx.shape + (dim,))
+
+
+def _halton_group(key, idx, js, bases, nd, dtype):
+    """Scrambled radical inverses ``(n, len(js))`` of ``idx`` in ``bases`` (``nd`` digits each):
+    coordinate ``js[i]``'s digit k goes through row k of its own permutations of
+    ``range(bases[i])``, drawn from ``fold_in(key, js[i])``."""
+    b = jnp.asarray(bases, jnp.uint32)
+    bmax = max(bases)
+    u = jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(key, j), (nd, bmax)))(
+        jnp.asarray(js, jnp.uint32))
+    pad = jnp.arange(bmax, dtype=jnp.uint32)[None, None, :] < b[:, None, None]
+    perms = jnp.argsort(jnp.where(pad, u, 2.0), axis=-1).astype(dtype)  # padding sorts last
+    b_row = b[None, :]  # (1, g): digits of every point at once
+    inv_b = 1.0 / b_row.astype(dtype)
+
+    def digit(k, carry):
+        val, rem, scale = carry
+        d = jnp.take_along_axis(perms[:, k, :], (rem % b_row).astype(jnp.int32).T, axis=1).T
+        return val + d * scale, rem // b_row, scale * inv_b
+
+    zeros = jnp.zeros((idx.shape[0], len(bases)), dtype)
+    val, _, scale = jax.lax.fori_loop(0, nd, digit, (zeros, jnp.broadcast_to(
+        idx[:, None], zeros.shape), inv_b))
     eps = float(jnp.finfo(dtype).eps)
-    cols = []
-    for j, b in enumerate(_primes(dim).tolist()):
-        ndig = int(math.ceil(32 * math.log(2) / math.log(b)))
-        perms = jnp.argsort(jax.random.uniform(jax.random.fold_in(key, j), (ndig, b)), axis=-1)
-        u = jnp.zeros(idx.shape, dtype)
-        rem, scale = idx, 1.0 / b
-        for k in range(ndig):
-            u = u + perms[k][(rem % b).astype(jnp.int32)].astype(dtype) * scale
-            rem, scale = rem // b, scale / b
-        cols.append(jnp.clip(u + 0.5 * scale * b, eps, 1.0 - eps))
-    return jnp.stack(cols, axis=-1)
+    return jnp.clip(val + 0.5 * scale * b_row.astype(dtype), eps, 1.0 - eps)
 
 
 def open_uniform(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
