@@ -252,7 +252,8 @@ def test_default_suite_runs_every_registered_estimator_and_stays_small():
     suite = runner.SUITES["default"]
     planned, _ = runner.plan(suite.problems, registry.estimator_names(), suite.samples)
     assert {entry.name for _, entry, _ in planned} == set(registry.estimator_names())
-    assert len(planned) <= 120 and len(suite.samples) >= 2  # 108 + the 4 categorical x 2 N
+    # 108 + the 4 categorical x 2 N + barrier_t6's 7 x 2 (whole-program and causal credit)
+    assert len(planned) <= 130 and len(suite.samples) >= 2
     extended = runner.SUITES["extended"]
     assert set(suite.problems) <= set(extended.problems)
 

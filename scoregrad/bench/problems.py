@@ -18,6 +18,11 @@ Problems (``problem_names()``):
 * ``blr_elbo``: the ELBO gradient of conjugate Bayesian linear regression under a diagonal
   normal variational posterior.
 * ``bandit_k10``: a categorical policy over 10 arms with noisy rewards; the exact policy gradient.
+* ``sequence_v3_t4``, ``barrier_t6``, ``ipd_t4``: sequential programs
+  (:func:`scoregrad.programs.program`, capability ``"program"``): an autoregressive sequence
+  rewarded at the end, an up-and-out barrier path paying at every date, 4 rounds of the
+  iterated prisoner's dilemma; exact answers by enumerating every trajectory
+  (:mod:`scoregrad.bench._programs`).
 
 Examples:
   >>> from scoregrad.bench import problems
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -37,12 +43,13 @@ import numpy as np
 
 from scoregrad._src.family import Family
 from scoregrad.bench import _closed_forms as cf
+from scoregrad.bench import _programs as pg
 
 PyTree = Any
 
 CAPABILITIES = frozenset({
     "continuous", "discrete", "reparameterizable", "differentiable_f", "enumerable",
-    "kind:normal", "kind:bernoulli", "kind:categorical", "relaxable",
+    "kind:normal", "kind:bernoulli", "kind:categorical", "relaxable", "program",
 })
 
 
@@ -95,60 +102,75 @@ def _family_caps(family: Family, differentiable_f: bool, relaxable: bool = False
     return frozenset(caps)
 
 
-def _make(spec: cf.Spec, name: str, group: str, description: str) -> Problem:
-    caps = _family_caps(spec.family, spec.differentiable_f, spec.relaxable)
+def _make(spec: cf.Spec, name: str, group: str, description: str,
+          extra: frozenset = frozenset()) -> Problem:
+    caps = _family_caps(spec.family, spec.differentiable_f, spec.relaxable) | extra
     return Problem(
         name, spec.family, spec.theta, spec.f, float(spec.value), spec.grad, caps, group,
         description,
     )
 
 
-def _build() -> dict[str, Problem]:
-    probs = []
+def _builders() -> list[tuple[str, Callable[[], Problem]]]:
+    """``(name, build)`` per problem, in registry order; ``build()`` makes the problem (its
+    exact answer included), so that a run of a few problems builds only those."""
+    out: list[tuple[str, Callable[[], Problem]]] = []
+
+    def add(name: str, spec: Callable[[], cf.Spec], group: str, description: str,
+            extra: frozenset = frozenset()) -> None:
+        out.append((name, lambda: _make(spec(), name, group, description, extra)))
+
     for d in (1, 10, 100):
-        probs.append(_make(cf.gauss_square(d, 1.0), f"gauss_square_d{d}", "gaussian",
-                           f"sum (x-1)^2, x ~ N(loc, scale^2) diagonal, d={d}"))
-        probs.append(_make(cf.gauss_exp(d, 1.0), f"gauss_exp_d{d}", "gaussian",
-                           f"sum exp(-x^2), diagonal normal, d={d}"))
-        probs.append(_make(cf.gauss_cos(d, 2.0), f"gauss_cos_d{d}", "gaussian",
-                           f"sum cos(2x), diagonal normal, d={d}"))
+        add(f"gauss_square_d{d}", partial(cf.gauss_square, d, 1.0), "gaussian",
+            f"sum (x-1)^2, x ~ N(loc, scale^2) diagonal, d={d}")
+        add(f"gauss_exp_d{d}", partial(cf.gauss_exp, d, 1.0), "gaussian",
+            f"sum exp(-x^2), diagonal normal, d={d}")
+        add(f"gauss_cos_d{d}", partial(cf.gauss_cos, d, 2.0), "gaussian",
+            f"sum cos(2x), diagonal normal, d={d}")
     for t in (0.45, 0.499):
-        probs.append(_make(cf.bernoulli_toy(t), f"bernoulli_t{t}", "bernoulli",
-                           f"(b - {t})^2, b ~ Bern(sigmoid(phi)), phi = 0"))
-    probs.append(_make(cf.categorical_toy(10, 0.45), "categorical_k10", "categorical",
-                       "(x/9 - 0.45)^2, x ~ Cat(softmax(theta)), K = 10"))
-    probs.append(_make(cf.black_scholes(digital=False, strike=105.0), "bs_call", "finance",
-                       "Black-Scholes call, S0=100, K=105: delta (d/d spot) and vega (d/d sigma)"))
-    probs.append(_make(cf.black_scholes(digital=True, strike=120.0), "bs_digital", "finance",
-                       "Black-Scholes cash-or-nothing digital, S0=100, K=120: delta and vega"))
-    probs.append(_make(cf.blr_elbo(), "blr_elbo", "bayes",
-                       "conjugate Bayesian linear regression ELBO, diagonal normal q, d = 5"))
-    probs.append(_make(cf.bandit(10), "bandit_k10", "rl",
-                       "softmax policy over 10 arms, noisy rewards (policy gradient)"))
-    return {p.name: p for p in probs}
+        add(f"bernoulli_t{t}", partial(cf.bernoulli_toy, t), "bernoulli",
+            f"(b - {t})^2, b ~ Bern(sigmoid(phi)), phi = 0")
+    add("categorical_k10", lambda: cf.categorical_toy(10, 0.45), "categorical",
+        "(x/9 - 0.45)^2, x ~ Cat(softmax(theta)), K = 10")
+    add("bs_call", lambda: cf.black_scholes(digital=False, strike=105.0), "finance",
+        "Black-Scholes call, S0=100, K=105: delta (d/d spot) and vega (d/d sigma)")
+    add("bs_digital", lambda: cf.black_scholes(digital=True, strike=120.0), "finance",
+        "Black-Scholes cash-or-nothing digital, S0=100, K=120: delta and vega")
+    add("blr_elbo", cf.blr_elbo, "bayes",
+        "conjugate Bayesian linear regression ELBO, diagonal normal q, d = 5")
+    add("bandit_k10", lambda: cf.bandit(10), "rl",
+        "softmax policy over 10 arms, noisy rewards (policy gradient)")
+    # sequential programs (sg.programs): "program" selects the causal-credit entries
+    prog = frozenset({"program"})
+    add("sequence_v3_t4", pg.sequence_policy, "programs",
+        "autoregressive policy, 3 tokens x 4 steps, reward on the finished sequence only "
+        "(causal = whole-program credit)", prog)
+    add("barrier_t6", pg.barrier_accrual, "programs",
+        "binomial path, 6 dates, up-and-out barrier: accrual per date, rebate at knock-out; "
+        "d/d per-date up-move logits", prog)
+    add("ipd_t4", pg.prisoners_dilemma, "programs",
+        "iterated prisoner's dilemma, 4 rounds, two memory-one agents: agent 1's discounted "
+        "costs", prog)
+    return out
 
 
-_PROBLEMS: dict[str, Problem] | None = None
-
-
-def _all() -> dict[str, Problem]:
-    global _PROBLEMS
-    if _PROBLEMS is None:
-        _PROBLEMS = _build()
-    return _PROBLEMS
+_BUILDERS: dict[str, Callable[[], Problem]] = dict(_builders())
+_PROBLEMS: dict[str, Problem] = {}
 
 
 def problem_names() -> list[str]:
     """Names of all registered problems."""
-    return list(_all())
+    return list(_BUILDERS)
 
 
 def get_problem(name: str) -> Problem:
-    """The problem called ``name``; ``KeyError`` listing the known names otherwise."""
-    probs = _all()
-    if name not in probs:
-        raise KeyError(f"unknown problem {name!r}; known: {', '.join(probs)}")
-    return probs[name]
+    """The problem called ``name`` (built on first use); ``KeyError`` listing the known names
+    otherwise."""
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown problem {name!r}; known: {', '.join(_BUILDERS)}")
+    if name not in _PROBLEMS:
+        _PROBLEMS[name] = _BUILDERS[name]()
+    return _PROBLEMS[name]
 
 
 def _glob(pattern: str):

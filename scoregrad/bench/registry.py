@@ -20,7 +20,9 @@ ignore it. An entry applies to a problem when every capability in ``requires`` i
 ``"enumerable"`` (small finite support: ``family.capabilities["support"]``), and the built-in
 family kind, ``"kind:normal"``, ``"kind:bernoulli"``, ``"kind:categorical"``; ``"relaxable"``:
 f also accepts the relaxed draw (Bernoulli: a float in [0, 1]; categorical: a point of the
-simplex, one-hot for an exact draw) and is differentiable in it.
+simplex, one-hot for an exact draw) and is differentiable in it; ``"program"``: a sequential
+program of :func:`scoregrad.programs.program` (draws ``Steps``, f the total of per-step costs),
+which the causal-credit entries need.
 
 Stateful estimators (``Estimator.stateful``) are warmed up on ``warmup_batches`` batches (their
 state threaded through :func:`scoregrad.estimate_grad`) before they are measured; every replicate
@@ -46,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 import scoregrad as sg
+import scoregrad.programs as sp
 from scoregrad.bench.problems import CAPABILITIES, Problem
 
 
@@ -254,6 +257,20 @@ ESTIMATORS: list[EstimatorEntry] = [
         requires=frozenset({"kind:categorical", "relaxable"}),
         description="categorical RELAX (Grathwohl et al. 2018), learned control variate (stateful)",
     ),
+    EstimatorEntry(
+        name="causal",
+        factory=lambda problem: sp.causal(),
+        requires=frozenset({"program"}),
+        description="causal credit (DiCE, reward-to-go): each step's cost scored only by the "
+                    "draws at or before its step",
+    ),
+    EstimatorEntry(
+        name="causal+loo",
+        factory=lambda problem: sp.causal(sp.leave_one_out()),
+        requires=frozenset({"program"}),
+        description="causal credit with the per-step leave-one-out baseline (the mean "
+                    "cost-to-go of the other N-1 programs)",
+    ),
     # ^ add new EstimatorEntry(...) items above this line (one entry per estimator).
 ]
 
@@ -334,7 +351,9 @@ def tracking_control_variate(problem: Problem) -> sg.control_variates.ControlVar
             lambda x, theta: problem.f(x), mean, name="f_enumerated")
     if {"kind:normal", "differentiable_f"} <= problem.capabilities:
         return sg.control_variates.delta_method(problem.f, order=2)
-    raise ValueError(f"no tracking control variate is known for problem {problem.name!r}.")
+    raise ValueError(f"no tracking control variate is known for problem {problem.name!r}: it "
+                     "needs the capability 'enumerable', or 'kind:normal' with "
+                     "'differentiable_f'.")
 
 
 WRAPPERS: list[WrapperEntry] = [

@@ -45,11 +45,12 @@ SUITES = {
     # the default has one problem per application, at a small and a large budget: a VI ELBO
     # (normal family: pathwise, measure-valued, QMC, antithetic, delta method), a Bernoulli and a
     # categorical toy (ARM, DisARM, REBAR, RELAX, relaxations, IndeCateR, enumeration), an
-    # option with and one without a pathwise derivative, a bandit. Every registered estimator
-    # runs in at least one of its cells.
+    # option with and one without a pathwise derivative, a bandit, and a sequential program
+    # (causal credit against whole-program credit; its 14 cells compile faster than the
+    # bandit's). Every registered estimator runs in at least one of its cells.
     "default": Suite(
         ("blr_elbo", "bernoulli_t0.499", "categorical_k10", "bs_call", "bs_digital",
-         "bandit_k10"),
+         "bandit_k10", "barrier_t6"),
         (10, 1000),
         100,
     ),
@@ -57,7 +58,7 @@ SUITES = {
     # 2.5 times the default's).
     "extended": Suite(
         ("gauss_square_d10", "gauss_exp_d10", "gauss_cos_d10", "bernoulli_t0.499",
-         "categorical_k10", "bs_call", "bs_digital", "blr_elbo", "bandit_k10"),
+         "categorical_k10", "bs_call", "bs_digital", "blr_elbo", "bandit_k10", "barrier_t6"),
         (10, 100, 1000),
         100,
     ),
