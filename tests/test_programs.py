@@ -515,6 +515,67 @@ def test_weights_from_a_value_pass_equal_one_reverse_pass_per_term(x64, monkeypa
     assert not np.allclose(plain["agent1"], out["per term"][0][0]["agent1"], rtol=1e-3)
 
 
+def test_value_pass_route_under_drop(x64):
+    """The value-pass route (8 weighted terms) under nan_policy="drop": with no NaN it equals
+    "raise" at two chunk sizes; with NaN costs in some programs those are counted and left out,
+    and expectation's gradient equals estimate_grad's."""
+    from scoregrad._src import surrogate
+
+    p1, _ = sp.iterated_prisoners_dilemma(6)
+    th = {"agent1": jnp.linspace(-1.0, 1.0, 5), "agent2": jnp.linspace(0.5, -0.5, 5)}
+    est = p1.estimator(sp.leave_one_out())
+    assert sg.bind(est, p1.family, th).num_terms == 8 >= surrogate.PREPASS_TERMS
+
+    def run(f, policy, chunk):
+        v = lambda t: sg.expectation(f, p1.family, t, jax.random.key(5),  # noqa: E731
+                                     num_samples=48, estimator=est, chunk_size=chunk,
+                                     nan_policy=policy)
+        r = sg.estimate_grad(f, p1.family, th, jax.random.key(5), num_samples=48,
+                             estimator=est, chunk_size=chunk, nan_policy=policy)
+        return jax.grad(v)(th), r
+
+    for chunk in (None, 20):
+        (g_raise, r_raise), (g_drop, r_drop) = run(p1.f, "raise", chunk), run(p1.f, "drop", chunk)
+        for x, y in zip(jax.tree_util.tree_leaves((g_raise, r_raise.grad, r_raise.stderr)),
+                        jax.tree_util.tree_leaves((g_drop, r_drop.grad, r_drop.stderr))):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+        assert int(r_drop.num_nonfinite) == 0
+
+    def f_nan(x):  # every step's cost NaN in programs whose first step draws two zeros (~1/4)
+        return p1.f(x) * jnp.where(jnp.sum(jnp.abs(jnp.ravel(x.x)[:2])) == 0, jnp.nan, 1.0)
+
+    g, r = run(f_nan, "drop", 20)
+    bad = int(r.num_nonfinite)  # per-step costs: T = 6 per program left out
+    assert bad % 6 == 0 and 0 < bad // 6 < 48
+    leaves = jax.tree_util.tree_leaves((g, r.grad, r.stderr))
+    assert all(np.all(np.isfinite(a)) for a in leaves)
+    np.testing.assert_allclose(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(r.grad),
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("entry", ["estimate_grad", "expectation"])
+def test_f_that_is_not_the_sum_of_its_step_costs_is_refused(x64, entry):
+    """Causal credit reads per-step costs off f's gradient in the step weights; an f that is not
+    linear in them (a square, a constant offset) would give a silent wrong answer: its costs are
+    NaN, so the default nan_policy raises. The program's own f, and a multiple of it, pass."""
+    theta = _theta()
+    est = PROG.estimator(sp.leave_one_out())
+
+    def run(f, **kw):
+        if entry == "estimate_grad":
+            return sg.estimate_grad(f, PROG.family, theta, jax.random.key(0), num_samples=16,
+                                    estimator=est, **kw).value
+        return sg.expectation(f, PROG.family, theta, jax.random.key(0), num_samples=16,
+                              estimator=est, **kw)
+
+    for bad in (lambda s: PROG.f(s) ** 2, lambda s: PROG.f(s) - 1.0):
+        with pytest.raises(FloatingPointError, match="not their sum"):
+            run(bad)
+    np.testing.assert_allclose(run(lambda s: 3.0 * PROG.f(s)), 3.0 * run(PROG.f), rtol=1e-12)
+    # under "propagate" the wrong f's value is NaN, never a number
+    assert np.isnan(run(lambda s: PROG.f(s) ** 2, nan_policy="propagate"))
+
+
 def test_bind_derives_terms_and_presample():
     theta = _theta(jnp.float32)
     b = sg.bind(PROG.estimator(), PROG.family, theta)

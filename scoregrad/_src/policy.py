@@ -62,7 +62,9 @@ def _raise_if_nonfinite(count, where: str):
     if count > 0:
         raise FloatingPointError(
             f"{where}: {int(count)} evaluation(s) of f, or units whose surrogate terms or "
-            "gradients (e.g. the score, grad log_prob) were NaN or infinite. Fix f / log_prob for "
+            "gradients (e.g. the score, grad log_prob) were NaN or infinite (a sequential "
+            "program's per-step costs are also NaN when f is not their sum, e.g. "
+            "program.f(s) ** 2: pass program.f). Fix f / log_prob for "
             "these draws, or pass nan_policy='drop' to leave those units out (counted in "
             "GradEstimate.num_nonfinite) or nan_policy='propagate' to keep them."
         )

@@ -161,8 +161,20 @@ def per_step(model, params, s: Steps) -> tuple[jax.Array, jax.Array]:
     gradients in the step weights of the family's ``log_prob`` and of ``f`` (both linear)."""
     w = jax.lax.stop_gradient(s.weights)
     lp = jax.grad(lambda v: model.eval_log_prob(params, s._replace(weights=v)))(w)
-    c = jax.grad(lambda v: model.eval_f(params, s._replace(weights=v)))(w)
-    return lp, c
+    total, c = jax.value_and_grad(lambda v: model.eval_f(params, s._replace(weights=v)))(w)
+    return lp, _checked_costs(total, c)
+
+
+def _checked_costs(total: jax.Array, c: jax.Array) -> jax.Array:
+    """The per-step costs, NaN where they do not sum to f's value: an f that is not linear in
+    the step weights (``program.f(s) ** 2``, ``program.f(s) - 1``) has no per-step costs, and
+    reading them off its gradient would be a silent wrong answer. NaN costs are counted as
+    non-finite, so ``nan_policy="raise"`` (the default) raises."""
+    total = jax.lax.stop_gradient(total).astype(c.dtype)
+    c_sg = jax.lax.stop_gradient(c)
+    tol = jnp.sqrt(jnp.finfo(c.dtype).eps) * (jnp.abs(total) + jnp.sum(jnp.abs(c_sg)))
+    ok = jnp.abs(total - jnp.sum(c_sg)) <= tol
+    return jnp.where(ok, c, jnp.nan)
 
 
 def causal_boxes(lp: jax.Array) -> tuple[jax.Array, jax.Array]:

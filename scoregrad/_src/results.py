@@ -33,6 +33,7 @@ class GradEstimate(NamedTuple):
         finite but whose surrogate terms or gradients (e.g. the score) were not: each such unit
         under ``nan_policy="drop"``; otherwise a chunk of units whose gradients reduce to a
         non-finite value counts at least once (the check runs on the chunk's sums, not per unit).
+        A sequential program under a per-step baseline counts each of its T per-step costs.
       state: the estimator's new state (``()`` for stateless estimators).
       variance_reduction: pytree like theta: the variance of the estimator's term 0 alone on the
         same draws divided by ``variance`` (for score-function estimators term 0 is the plain
